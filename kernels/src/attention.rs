@@ -1,0 +1,143 @@
+//! Scaled dot-product attention of one query token over rows of a KV cache, with grouped-query
+//! heads (Ainslie et al. 2023). Query head `h` reads KV head `h / (n_head / n_head_kv)`, as ggml's
+//! broadcasting `mul_mat` does in llama.cpp's `build_attn_mha`.
+
+use crate::quant::GgmlType;
+
+/// Head geometry and score scale of an attention layer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttentionShape {
+    /// Query heads.
+    pub n_head: usize,
+    /// Key/value heads (`n_head` is a multiple of it).
+    pub n_head_kv: usize,
+    /// Elements per head (the same for keys, queries and values).
+    pub head_dim: usize,
+    /// Factor applied to `q . k` before the softmax, usually `1/sqrt(head_dim)`.
+    pub scale: f32,
+}
+
+/// A run of KV rows: `data` holds consecutive rows (cache slots) of `row_elems` elements
+/// (`n_head_kv * head_dim`, heads contiguous) stored as `ty` (F32, F16, BF16 or Q8_0 blocks).
+#[derive(Clone, Copy)]
+pub struct KvRows<'a> {
+    /// Storage type of each row.
+    pub ty: GgmlType,
+    /// Elements per row.
+    pub row_elems: usize,
+    /// The rows' bytes.
+    pub data: &'a [u8],
+}
+
+impl KvRows<'_> {
+    /// Bytes per row.
+    pub fn row_bytes(&self) -> usize {
+        self.ty.row_bytes(self.row_elems).expect("KV row length is a multiple of the block size")
+    }
+
+    /// Decodes row `slot` into `out` (`row_elems` f32).
+    pub fn read(&self, slot: usize, out: &mut [f32]) {
+        let rb = self.row_bytes();
+        self.ty.dequantize_row(&self.data[slot * rb..(slot + 1) * rb], out);
+    }
+}
+
+/// Reusable buffers of [`attend`] (one per thread).
+#[derive(Default)]
+pub struct AttentionScratch {
+    scores: Vec<f32>,
+    row: Vec<f32>,
+}
+
+/// Attention output of one query token.
+///
+/// `q` is `[n_head, head_dim]`; `slots` lists the cache rows the token may see (any order; the
+/// softmax is over all of them); `out` receives `[n_head, head_dim]`. Scores and the softmax are
+/// f32 with the maximum subtracted; the softmax denominator accumulates in f64 as ggml's does.
+pub fn attend(
+    shape: AttentionShape,
+    q: &[f32],
+    keys: KvRows<'_>,
+    values: KvRows<'_>,
+    slots: &[usize],
+    scratch: &mut AttentionScratch,
+    out: &mut [f32],
+) {
+    let AttentionShape { n_head, n_head_kv, head_dim, scale } = shape;
+    let group = n_head / n_head_kv;
+    let n = slots.len();
+    assert!(n > 0, "a query must see at least its own key");
+    scratch.scores.resize(n_head * n, 0.0);
+    scratch.row.resize(n_head_kv * head_dim, 0.0);
+    let scores = &mut scratch.scores;
+    let row = &mut scratch.row;
+
+    for (j, &slot) in slots.iter().enumerate() {
+        keys.read(slot, row);
+        for h in 0..n_head {
+            let k = &row[(h / group) * head_dim..(h / group + 1) * head_dim];
+            let qh = &q[h * head_dim..(h + 1) * head_dim];
+            let dot: f32 = qh.iter().zip(k).map(|(a, b)| a * b).sum();
+            scores[h * n + j] = dot * scale;
+        }
+    }
+    for s in scores.chunks_exact_mut(n) {
+        let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0f64;
+        for v in s.iter_mut() {
+            *v = (*v - max).exp();
+            sum += f64::from(*v);
+        }
+        let inv = (1.0 / sum) as f32;
+        s.iter_mut().for_each(|v| *v *= inv);
+    }
+    out.fill(0.0);
+    for (j, &slot) in slots.iter().enumerate() {
+        values.read(slot, row);
+        for h in 0..n_head {
+            let p = scores[h * n + j];
+            let v = &row[(h / group) * head_dim..(h / group + 1) * head_dim];
+            for (o, &x) in out[h * head_dim..(h + 1) * head_dim].iter_mut().zip(v) {
+                *o += p * x;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f32_rows(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn matches_plain_softmax_attention_with_gqa() {
+        let shape = AttentionShape { n_head: 4, n_head_kv: 2, head_dim: 3, scale: 0.5 };
+        let n_slots = 5;
+        let k: Vec<f32> = (0..n_slots * 6).map(|i| ((i * 5 % 11) as f32 - 5.0) / 4.0).collect();
+        let v: Vec<f32> = (0..n_slots * 6).map(|i| ((i * 3 % 7) as f32 - 3.0) / 2.0).collect();
+        let q: Vec<f32> = (0..12).map(|i| (i as f32 - 6.0) / 3.0).collect();
+        let (kb, vb) = (f32_rows(&k), f32_rows(&v));
+        let keys = KvRows { ty: GgmlType::F32, row_elems: 6, data: &kb };
+        let values = KvRows { ty: GgmlType::F32, row_elems: 6, data: &vb };
+        let slots = [4usize, 0, 2];
+        let mut out = vec![0.0; 12];
+        attend(shape, &q, keys, values, &slots, &mut AttentionScratch::default(), &mut out);
+        for h in 0..4 {
+            let kvh = h / 2;
+            let s: Vec<f64> = slots
+                .iter()
+                .map(|&t| (0..3).map(|d| f64::from(q[h * 3 + d]) * f64::from(k[t * 6 + kvh * 3 + d])).sum::<f64>() * 0.5)
+                .collect();
+            let m = s.iter().copied().fold(f64::MIN, f64::max);
+            let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+            for d in 0..3 {
+                let want: f64 =
+                    slots.iter().zip(&s).map(|(&t, x)| (x - m).exp() / z * f64::from(v[t * 6 + kvh * 3 + d])).sum();
+                assert!((f64::from(out[h * 3 + d]) - want).abs() < 1e-6, "head {h} dim {d}");
+            }
+        }
+    }
+}

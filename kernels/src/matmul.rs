@@ -1,0 +1,328 @@
+//! Quantized matrix multiplication: GGUF weight rows times quantized activation rows.
+//!
+//! `out[t][r] = dot(weight row r, activation row t)`, the product `x · Wᵀ` of activations `x`
+//! (`[n_rows, cols]`) with a weight matrix `W` (`[rows, cols]`, GGUF row-major: ggml's `ne0 =
+//! cols`, `ne1 = rows`). Each dot product is [`crate::quant::vec_dot`] on the activation row
+//! quantized to the weight type's [`VecDotType`], as ggml's CPU `mul_mat` does.
+//!
+//! Work is split over the current rayon pool by chunks of weight rows; each chunk loops over all
+//! activation rows, so every weight row is read from memory once per call whatever the batch size.
+
+use rayon::prelude::*;
+
+use crate::quant::{GgmlType, VecDotType};
+
+/// Weight rows per work item are a multiple of this.
+const ROW_ALIGN: usize = 4;
+/// At most this many weight rows per work item, so a chunk stays cache-resident while it is
+/// multiplied with every activation row.
+const MAX_ROWS_PER_CHUNK: usize = 32;
+/// Work items per pool thread to aim for (load balance).
+const CHUNKS_PER_THREAD: usize = 4;
+
+/// Weight matrix in GGUF layout: `rows` rows of `cols` elements; row r is bytes
+/// `[r * row_bytes, (r + 1) * row_bytes)` of `data`, each row `cols / ty.block_size()` blocks in
+/// the block layout of `ty` (`ggml-common.h`).
+#[derive(Clone, Copy, Debug)]
+pub struct QMatrix<'a> {
+    /// Element type of the weights.
+    pub ty: GgmlType,
+    /// Number of rows (output features).
+    pub rows: usize,
+    /// Elements per row (input features); a multiple of `ty.block_size()`.
+    pub cols: usize,
+    /// `rows * row_bytes()` bytes.
+    pub data: &'a [u8],
+}
+
+impl<'a> QMatrix<'a> {
+    /// Wraps `data` as a `[rows, cols]` matrix of type `ty`. Panics when `cols` is not a multiple
+    /// of the block size or `data.len() != rows * ty.row_bytes(cols)`.
+    pub fn new(ty: GgmlType, rows: usize, cols: usize, data: &'a [u8]) -> Self {
+        let row_bytes = ty.row_bytes(cols).unwrap_or_else(|| {
+            panic!(
+                "{ty}: {cols} columns is not a multiple of the block size {}",
+                ty.block_size()
+            )
+        });
+        assert_eq!(
+            data.len(),
+            rows * row_bytes,
+            "{ty} [{rows}, {cols}] matrix: data length"
+        );
+        Self {
+            ty,
+            rows,
+            cols,
+            data,
+        }
+    }
+
+    /// Bytes per row: `cols / ty.block_size() * ty.type_size()`.
+    pub fn row_bytes(&self) -> usize {
+        self.cols / self.ty.block_size() * self.ty.type_size()
+    }
+
+    /// Row `r` (`row_bytes()` bytes). Panics when `r >= rows`.
+    pub fn row(&self, r: usize) -> &'a [u8] {
+        assert!(r < self.rows, "row {r} of {}", self.rows);
+        let rb = self.row_bytes();
+        &self.data[r * rb..(r + 1) * rb]
+    }
+}
+
+/// Activation rows quantized to a [`VecDotType`], `[n_rows, cols]`: row `i` is bytes
+/// `[i * ty.row_bytes(cols), (i + 1) * ty.row_bytes(cols))` of `data`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QuantizedActivations {
+    /// Layout of each row.
+    pub ty: VecDotType,
+    /// Number of rows (tokens).
+    pub n_rows: usize,
+    /// Elements per row; a multiple of `ty.block_size()`.
+    pub cols: usize,
+    /// `n_rows * ty.row_bytes(cols)` bytes.
+    pub data: Vec<u8>,
+}
+
+impl QuantizedActivations {
+    /// Quantizes `x` (`[n_rows, cols]` f32, row-major) row by row with
+    /// [`VecDotType::quantize_row`], in parallel on the current rayon pool. Panics when
+    /// `x.len() != n_rows * cols` or `cols` is not a multiple of the block size.
+    pub fn quantize(ty: VecDotType, x: &[f32], n_rows: usize, cols: usize) -> Self {
+        assert_eq!(
+            x.len(),
+            n_rows * cols,
+            "activations: expected [{n_rows}, {cols}]"
+        );
+        assert!(
+            cols.is_multiple_of(ty.block_size()),
+            "{ty:?}: {cols} columns is not a multiple of the block size {}",
+            ty.block_size()
+        );
+        let row_bytes = ty.row_bytes(cols);
+        let mut data = vec![0u8; n_rows * row_bytes];
+        if row_bytes > 0 {
+            data.par_chunks_mut(row_bytes)
+                .zip(x.par_chunks(cols))
+                .for_each(|(dst, x)| ty.quantize_row(x, dst));
+        }
+        Self {
+            ty,
+            n_rows,
+            cols,
+            data,
+        }
+    }
+
+    /// Row `i` (`ty.row_bytes(cols)` bytes). Panics when `i >= n_rows`.
+    pub fn row(&self, i: usize) -> &[u8] {
+        assert!(i < self.n_rows, "row {i} of {}", self.n_rows);
+        let rb = self.ty.row_bytes(self.cols);
+        &self.data[i * rb..(i + 1) * rb]
+    }
+}
+
+/// Weight rows per work item for a matrix of `rows` rows on the current pool.
+fn rows_per_chunk(rows: usize) -> usize {
+    let items = rayon::current_num_threads().max(1) * CHUNKS_PER_THREAD;
+    rows.div_ceil(items)
+        .next_multiple_of(ROW_ALIGN)
+        .clamp(ROW_ALIGN, MAX_ROWS_PER_CHUNK)
+}
+
+/// `out = x · wᵀ`: out is `[x.n_rows, w.rows]` row-major, `out[t * w.rows + r] = dot(w.row(r),
+/// x.row(t))` with the weight type's dot product ([`crate::quant::vec_dot`]).
+///
+/// Runs on the current rayon pool. Panics when `x.ty != w.ty.vec_dot_type()`, `x.cols != w.cols`
+/// or `out.len() != x.n_rows * w.rows`.
+pub fn matmul(w: &QMatrix, x: &QuantizedActivations, out: &mut [f32]) {
+    assert_eq!(
+        x.ty,
+        w.ty.vec_dot_type(),
+        "activations are not in {}'s vec_dot type",
+        w.ty
+    );
+    assert_eq!(x.cols, w.cols, "activation and weight columns differ");
+    assert_eq!(
+        out.len(),
+        x.n_rows * w.rows,
+        "out must be [{}, {}]",
+        x.n_rows,
+        w.rows
+    );
+    assert_eq!(w.data.len(), w.rows * w.row_bytes(), "weight data length");
+    assert_eq!(
+        x.data.len(),
+        x.n_rows * x.ty.row_bytes(x.cols),
+        "activation data length"
+    );
+    if out.is_empty() {
+        return;
+    }
+    let dot = w.ty.vec_dot_fn();
+    let n = x.n_rows;
+    let chunk = rows_per_chunk(w.rows);
+    // Work item `c` covers weight rows `[c * chunk, c * chunk + nr)` and fills `dst` as
+    // `[n, nr]`: dst[t * nr + i] = dot(row c * chunk + i, activation t).
+    let compute = |c: usize, dst: &mut [f32]| {
+        let r0 = c * chunk;
+        let nr = dst.len() / n;
+        for (t, dst) in dst.chunks_exact_mut(nr).enumerate() {
+            let a = x.row(t);
+            for (i, o) in dst.iter_mut().enumerate() {
+                *o = dot(w.row(r0 + i), a, w.cols);
+            }
+        }
+    };
+    if n == 1 {
+        out.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(c, dst)| compute(c, dst));
+        return;
+    }
+    // Several activation rows: a chunk's results are strided in `out`, so they go to a
+    // chunk-contiguous scratch first and are copied row by row afterwards.
+    let mut scratch = vec![0f32; out.len()];
+    scratch
+        .par_chunks_mut(chunk * n)
+        .enumerate()
+        .for_each(|(c, dst)| compute(c, dst));
+    out.par_chunks_mut(w.rows)
+        .enumerate()
+        .for_each(|(t, out_t)| {
+            for (c, (out_c, part)) in out_t
+                .chunks_mut(chunk)
+                .zip(scratch.chunks(chunk * n))
+                .enumerate()
+            {
+                let nr = out_c.len();
+                debug_assert_eq!(part.len(), nr * n, "chunk {c}");
+                out_c.copy_from_slice(&part[t * nr..(t + 1) * nr]);
+            }
+        });
+}
+
+/// Convenience: quantizes `x` (`[n_rows, w.cols]` f32, row-major) to `w.ty.vec_dot_type()` with
+/// [`QuantizedActivations::quantize`], then calls [`matmul`]; `out` is `[n_rows, w.rows]`.
+pub fn matmul_f32(w: &QMatrix, x: &[f32], n_rows: usize, out: &mut [f32]) {
+    let x = QuantizedActivations::quantize(w.ty.vec_dot_type(), x, n_rows, w.cols);
+    matmul(w, &x, out);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::testing::random_row;
+    use crate::quant::vec_dot;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    const TYPES: [GgmlType; 6] = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q8_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+    ];
+
+    fn pool(threads: usize) -> rayon::ThreadPool {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("thread pool")
+    }
+
+    fn random_f32s(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect()
+    }
+
+    /// Rows 37 and 101 are not multiples of any chunk size (multiples of 4); 3 threads give
+    /// several chunks whatever the machine.
+    #[test]
+    fn matmul_equals_per_row_vec_dot() {
+        let mut rng = ChaCha8Rng::seed_from_u64(20);
+        for threads in [1, 3] {
+            let pool = pool(threads);
+            for ty in TYPES {
+                for (rows, cols) in [(37, 64), (101, 256), (5, 32)] {
+                    let data = random_row(ty, rows * cols, &mut rng);
+                    let w = QMatrix::new(ty, rows, cols, &data);
+                    for n_rows in [1, 3, 17] {
+                        let xf = random_f32s(&mut rng, n_rows * cols);
+                        let x =
+                            QuantizedActivations::quantize(ty.vec_dot_type(), &xf, n_rows, cols);
+                        let mut out = vec![f32::NAN; n_rows * rows];
+                        pool.install(|| matmul(&w, &x, &mut out));
+                        for t in 0..n_rows {
+                            for r in 0..rows {
+                                let want = vec_dot(ty, w.row(r), x.row(t), cols);
+                                let got = out[t * rows + r];
+                                assert_eq!(
+                                    got.to_bits(),
+                                    want.to_bits(),
+                                    "{ty} [{rows},{cols}] t={t} r={r}"
+                                );
+                            }
+                        }
+
+                        let mut out2 = vec![f32::NAN; n_rows * rows];
+                        pool.install(|| matmul_f32(&w, &xf, n_rows, &mut out2));
+                        assert_eq!(out2, out, "{ty}: matmul_f32");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_f32_weights_match_f64_product() {
+        let mut rng = ChaCha8Rng::seed_from_u64(21);
+        let (rows, cols, n_rows) = (45, 300, 7);
+        let wf = random_f32s(&mut rng, rows * cols);
+        let xf = random_f32s(&mut rng, n_rows * cols);
+        let data: Vec<u8> = wf.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let w = QMatrix::new(GgmlType::F32, rows, cols, &data);
+        let mut out = vec![0f32; n_rows * rows];
+        pool(2).install(|| matmul_f32(&w, &xf, n_rows, &mut out));
+        for t in 0..n_rows {
+            for r in 0..rows {
+                let (wr, xr) = (&wf[r * cols..][..cols], &xf[t * cols..][..cols]);
+                let prods = wr
+                    .iter()
+                    .zip(xr)
+                    .map(|(&a, &b)| f64::from(a) * f64::from(b));
+                let exact: f64 = prods.clone().sum();
+                let abs: f64 = prods.map(f64::abs).sum();
+                // f32 accumulation of 300 products in 16 lanes: far below 1e-5 of sum |products|.
+                assert!((f64::from(out[t * rows + r]) - exact).abs() <= 1e-5 * abs);
+            }
+        }
+    }
+
+    #[test]
+    fn empty_shapes() {
+        let w = QMatrix::new(GgmlType::Q8_0, 0, 64, &[]);
+        let x = QuantizedActivations::quantize(VecDotType::Q8_0, &[0.0; 128], 2, 64);
+        matmul(&w, &x, &mut []);
+        let data = random_row(GgmlType::Q8_0, 4 * 32, &mut ChaCha8Rng::seed_from_u64(22));
+        let w = QMatrix::new(GgmlType::Q8_0, 4, 32, &data);
+        matmul_f32(&w, &[], 0, &mut []);
+    }
+
+    #[test]
+    #[should_panic(expected = "vec_dot type")]
+    fn matmul_rejects_wrong_activation_type() {
+        let data = random_row(GgmlType::Q4_1, 4 * 32, &mut ChaCha8Rng::seed_from_u64(23));
+        let w = QMatrix::new(GgmlType::Q4_1, 4, 32, &data);
+        let x = QuantizedActivations::quantize(VecDotType::Q8_0, &[0.5; 32], 1, 32);
+        matmul(&w, &x, &mut [0.0; 4]);
+    }
+
+    #[test]
+    #[should_panic(expected = "data length")]
+    fn qmatrix_rejects_wrong_length() {
+        QMatrix::new(GgmlType::Q4_0, 2, 32, &[0; 35]);
+    }
+}

@@ -1,0 +1,259 @@
+//! Mixture-of-Experts math: router top-k selection and the grouped SwiGLU expert FFN.
+//!
+//! Follows llama.cpp's `build_moe_ffn` (`src/llama-graph.cpp`) for softmax gating: softmax over
+//! all experts in f32, the `k` most probable experts (descending), optionally renormalised so
+//! the selected weights sum to 1 (the sum clamped below at 6.103515625e-5, the smallest normal
+//! f16), then `sum_k w_k * down_k(silu(gate_k(x)) * up_k(x))`.
+
+use std::collections::BTreeMap;
+
+use crate::matmul::{QMatrix, QuantizedActivations, matmul};
+use crate::quant::VecDotType;
+
+/// One (token, expert, weight) triple of a routing decision.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Route {
+    /// Row of the token in the hidden-state batch.
+    pub token: u32,
+    /// Expert index within the layer, `0..n_expert`.
+    pub expert: u32,
+    /// Gate weight the expert's output is multiplied by.
+    pub weight: f32,
+}
+
+/// Softmax gating with top-k selection for a batch of router logits.
+///
+/// `logits` is `[n_tokens, n_expert]` row-major. Returns the routes token by token, each token's
+/// `k` experts in descending probability (ties: lower expert id first), so summing a token's
+/// routes in the returned order reproduces llama.cpp's slot order.
+pub fn softmax_top_k(logits: &[f32], n_expert: usize, k: usize, renormalize: bool) -> Vec<Route> {
+    assert!(k >= 1 && k <= n_expert && logits.len() % n_expert == 0);
+    let mut routes = Vec::with_capacity(logits.len() / n_expert * k);
+    let mut probs = vec![0.0f32; n_expert];
+    let mut order: Vec<u32> = Vec::with_capacity(n_expert);
+    for (t, row) in logits.chunks_exact(n_expert).enumerate() {
+        softmax(row, &mut probs);
+        order.clear();
+        order.extend(0..n_expert as u32);
+        order.sort_by(|&a, &b| probs[b as usize].total_cmp(&probs[a as usize]).then(a.cmp(&b)));
+        let chosen = &order[..k];
+        let scale = if renormalize {
+            let sum: f32 = chosen.iter().map(|&e| probs[e as usize]).sum();
+            1.0 / sum.max(6.103_515_6e-5)
+        } else {
+            1.0
+        };
+        routes.extend(chosen.iter().map(|&e| Route { token: t as u32, expert: e, weight: probs[e as usize] * scale }));
+    }
+    routes
+}
+
+/// Numerically stable softmax of `x` into `out` (max subtracted, sum accumulated in f64 as
+/// ggml's `ggml_vec_soft_max_f32` does).
+pub fn softmax(x: &[f32], out: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f64;
+    for (o, &v) in out.iter_mut().zip(x) {
+        let e = (v - max).exp();
+        *o = e;
+        sum += f64::from(e);
+    }
+    let inv = (1.0 / sum) as f32;
+    for o in out.iter_mut() {
+        *o *= inv;
+    }
+}
+
+/// SiLU (`x * sigmoid(x)`, computed as `x / (1 + e^-x)` like ggml's `ggml_silu_f32`).
+#[inline]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// The three weight matrices of one SwiGLU expert: `gate` and `up` are `[n_ff, n_embd]`, `down`
+/// is `[n_embd, n_ff]` (rows x columns, GGUF layout).
+#[derive(Clone, Copy)]
+pub struct ExpertFfn<'a> {
+    /// `ffn_gate_exps` slice of this expert.
+    pub gate: QMatrix<'a>,
+    /// `ffn_up_exps` slice of this expert.
+    pub up: QMatrix<'a>,
+    /// `ffn_down_exps` slice of this expert.
+    pub down: QMatrix<'a>,
+}
+
+/// Runs every routed (token, expert) pair and writes the gate-weighted sums to `out`.
+///
+/// `x` is `[n_tokens, n_embd]` (the normalised hidden states), `out` is `[n_tokens, n_embd]` and is
+/// overwritten: row `t` becomes `sum over routes r with r.token == t (in the order of routes) of
+/// r.weight * down(silu(gate(x_t)) * up(x_t))`; tokens with no route get zeros. Tokens are grouped
+/// per expert, so each expert's weights are read once for all its tokens; `x` is quantized once
+/// per activation type, however many experts use it. `expert(e)` returns expert `e`'s matrices.
+pub fn grouped_expert_ffn<'a>(
+    expert: impl Fn(u32) -> ExpertFfn<'a>,
+    x: &[f32],
+    n_embd: usize,
+    routes: &[Route],
+    out: &mut [f32],
+) {
+    assert_eq!(x.len(), out.len());
+    assert!(n_embd > 0 && x.len() % n_embd == 0);
+    let n_tokens = x.len() / n_embd;
+    let mut by_expert: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+    for (i, r) in routes.iter().enumerate() {
+        assert!((r.token as usize) < n_tokens, "route to token {} of {n_tokens}", r.token);
+        by_expert.entry(r.expert).or_default().push(i);
+    }
+
+    let mut quantized: Vec<QuantizedActivations> = Vec::new();
+    let mut results = vec![0.0f32; routes.len() * n_embd];
+    for (&e, route_ids) in &by_expert {
+        let ffn = expert(e);
+        let tokens: Vec<usize> = route_ids.iter().map(|&i| routes[i].token as usize).collect();
+        let gate_in = gather(&mut quantized, ffn.gate.ty.vec_dot_type(), x, n_tokens, n_embd, &tokens);
+        let n_ff = ffn.gate.rows;
+        let mut gate = vec![0.0f32; tokens.len() * n_ff];
+        matmul(&ffn.gate, &gate_in, &mut gate);
+        let up_in = if ffn.up.ty.vec_dot_type() == gate_in.ty {
+            gate_in
+        } else {
+            gather(&mut quantized, ffn.up.ty.vec_dot_type(), x, n_tokens, n_embd, &tokens)
+        };
+        let mut up = vec![0.0f32; tokens.len() * n_ff];
+        matmul(&ffn.up, &up_in, &mut up);
+        for (g, u) in gate.iter_mut().zip(&up) {
+            *g = silu(*g) * u;
+        }
+        let act = QuantizedActivations::quantize(ffn.down.ty.vec_dot_type(), &gate, tokens.len(), n_ff);
+        let mut down = vec![0.0f32; tokens.len() * n_embd];
+        matmul(&ffn.down, &act, &mut down);
+        for (row, &i) in down.chunks_exact(n_embd).zip(route_ids) {
+            results[i * n_embd..(i + 1) * n_embd].copy_from_slice(row);
+        }
+    }
+
+    out.fill(0.0);
+    for (r, partial) in routes.iter().zip(results.chunks_exact(n_embd)) {
+        let t = r.token as usize;
+        for (o, &p) in out[t * n_embd..(t + 1) * n_embd].iter_mut().zip(partial) {
+            *o += p * r.weight;
+        }
+    }
+}
+
+/// The rows `tokens` of `x`, quantized to `ty`; `x` is quantized at most once per type (cached in
+/// `cache`) and rows are copied out as bytes.
+fn gather(
+    cache: &mut Vec<QuantizedActivations>,
+    ty: VecDotType,
+    x: &[f32],
+    n_tokens: usize,
+    n_embd: usize,
+    tokens: &[usize],
+) -> QuantizedActivations {
+    let idx = match cache.iter().position(|q| q.ty == ty) {
+        Some(i) => i,
+        None => {
+            cache.push(QuantizedActivations::quantize(ty, x, n_tokens, n_embd));
+            cache.len() - 1
+        }
+    };
+    let all = &cache[idx];
+    let row_bytes = ty.row_bytes(n_embd);
+    let mut data = Vec::with_capacity(tokens.len() * row_bytes);
+    for &t in tokens {
+        data.extend_from_slice(all.row(t));
+    }
+    QuantizedActivations { ty, n_rows: tokens.len(), cols: n_embd, data }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::GgmlType;
+
+    #[test]
+    fn top_k_renormalises_and_orders() {
+        let logits = [0.0, 2.0, 1.0, 3.0, /* token 1 */ 5.0, 5.0, 0.0, 0.0];
+        let routes = softmax_top_k(&logits, 4, 2, true);
+        assert_eq!(routes.iter().map(|r| (r.token, r.expert)).collect::<Vec<_>>(), [(0, 3), (0, 1), (1, 0), (1, 1)]);
+        let w0 = 1.0 / (1.0 + (-1.0f32).exp());
+        assert!((routes[0].weight - w0).abs() < 1e-6);
+        assert!((routes[0].weight + routes[1].weight - 1.0).abs() < 1e-6);
+        assert!((routes[2].weight - 0.5).abs() < 1e-6);
+        let raw = softmax_top_k(&logits, 4, 2, false);
+        let p = [0.0f32, 2.0, 1.0, 3.0].map(f32::exp);
+        let s: f32 = p.iter().sum();
+        assert!((raw[0].weight - p[3] / s).abs() < 1e-6);
+    }
+
+    /// Plain f64 reference: dequantize everything, loop.
+    fn reference_ffn(w: &[Vec<f32>; 3], x: &[f32], n_embd: usize, n_ff: usize) -> Vec<f64> {
+        let [g, u, d] = w;
+        let dot = |m: &[f32], r: usize, v: &[f64]| -> f64 {
+            m[r * v.len()..(r + 1) * v.len()].iter().zip(v).map(|(&a, b)| f64::from(a) * b).sum()
+        };
+        let xv: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
+        let h: Vec<f64> = (0..n_ff)
+            .map(|r| {
+                let gv = dot(g, r, &xv);
+                gv / (1.0 + (-gv).exp()) * dot(u, r, &xv)
+            })
+            .collect();
+        (0..n_embd).map(|r| dot(d, r, &h)).collect()
+    }
+
+    #[test]
+    fn grouped_ffn_matches_reference_f32() {
+        let (n_embd, n_ff, n_expert) = (8usize, 6usize, 3usize);
+        let mut seed = 12345u32;
+        let mut rnd = || {
+            seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            ((seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * 0.8
+        };
+        let experts: Vec<[Vec<f32>; 3]> = (0..n_expert)
+            .map(|_| {
+                [
+                    (0..n_ff * n_embd).map(|_| rnd()).collect(),
+                    (0..n_ff * n_embd).map(|_| rnd()).collect(),
+                    (0..n_embd * n_ff).map(|_| rnd()).collect(),
+                ]
+            })
+            .collect();
+        let bytes: Vec<[Vec<u8>; 3]> =
+            experts.iter().map(|e| e.clone().map(|m| m.iter().flat_map(|v| v.to_le_bytes()).collect())).collect();
+        let x: Vec<f32> = (0..3 * n_embd).map(|_| rnd() * 3.0).collect();
+        let routes = vec![
+            Route { token: 0, expert: 2, weight: 0.7 },
+            Route { token: 0, expert: 0, weight: 0.3 },
+            Route { token: 2, expert: 2, weight: 1.0 },
+        ];
+        let mut out = vec![1.0f32; x.len()];
+        grouped_expert_ffn(
+            |e| {
+                let b = &bytes[e as usize];
+                ExpertFfn {
+                    gate: QMatrix::new(GgmlType::F32, n_ff, n_embd, &b[0]),
+                    up: QMatrix::new(GgmlType::F32, n_ff, n_embd, &b[1]),
+                    down: QMatrix::new(GgmlType::F32, n_embd, n_ff, &b[2]),
+                }
+            },
+            &x,
+            n_embd,
+            &routes,
+            &mut out,
+        );
+        let mut want = vec![0.0f64; x.len()];
+        for r in &routes {
+            let t = r.token as usize;
+            let y = reference_ffn(&experts[r.expert as usize], &x[t * n_embd..(t + 1) * n_embd], n_embd, n_ff);
+            for (w, v) in want[t * n_embd..(t + 1) * n_embd].iter_mut().zip(y) {
+                *w += f64::from(r.weight) * v;
+            }
+        }
+        for (a, b) in out.iter().zip(&want) {
+            assert!((f64::from(*a) - b).abs() < 1e-5, "{a} vs {b}");
+        }
+        assert!(out[n_embd..2 * n_embd].iter().all(|v| *v == 0.0), "unrouted token must be zero");
+    }
+}

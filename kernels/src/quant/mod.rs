@@ -1,0 +1,337 @@
+//! GGUF tensor element types and their block layouts.
+//!
+//! Block layouts follow ggml (`ggml/src/ggml-common.h`, `ggml-quants.c` in llama.cpp). A weight
+//! row of `n` elements is `n / block_size` consecutive blocks of `type_size` bytes. Dot products
+//! quantize the activation row first to the weight type's [`VecDotType`] (as ggml does for its
+//! `vec_dot` kernels), so the result equals llama.cpp's up to float summation order.
+
+/// Element type of a GGUF tensor, with ggml's numeric type ids.
+#[allow(non_camel_case_types)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GgmlType {
+    /// 32-bit IEEE float.
+    F32,
+    /// 16-bit IEEE float.
+    F16,
+    /// bfloat16.
+    BF16,
+    /// 32 weights: f16 scale `d`, 16 bytes of 4-bit quants; `w = d * (q - 8)`.
+    Q4_0,
+    /// 32 weights: f16 `d`, f16 `m`, 16 bytes of 4-bit quants; `w = d * q + m`.
+    Q4_1,
+    /// 32 weights: f16 `d`, 4 bytes of high bits, 16 bytes of low nibbles; `w = d * (q - 16)`.
+    Q5_0,
+    /// 32 weights: f16 `d`, f16 `m`, 4 bytes of high bits, 16 bytes of nibbles; `w = d * q + m`.
+    Q5_1,
+    /// 32 weights: f16 `d`, 32 signed bytes; `w = d * q`.
+    Q8_0,
+    /// 256-weight super-block of 16 sub-blocks, 2-bit quants with 4-bit scales and mins.
+    Q2_K,
+    /// 256-weight super-block of 16 sub-blocks, 3-bit quants with 6-bit scales.
+    Q3_K,
+    /// 256-weight super-block of 8 sub-blocks, 4-bit quants with 6-bit scales and mins.
+    Q4_K,
+    /// 256-weight super-block of 8 sub-blocks, 5-bit quants with 6-bit scales and mins.
+    Q5_K,
+    /// 256-weight super-block of 16 sub-blocks, 6-bit quants with 8-bit scales.
+    Q6_K,
+}
+
+/// The type an activation row is converted to before a dot product with a weight row
+/// (ggml's `vec_dot_type`): Q8_0 for Q4_0/Q5_0/Q8_0, Q8_1 for Q4_1/Q5_1, Q8_K for the k-quants.
+#[allow(non_camel_case_types)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum VecDotType {
+    /// Plain f32 (F32 weights).
+    F32,
+    /// f16 (F16 weights), as ggml converts activations for F16 matmuls.
+    F16,
+    /// bf16 (BF16 weights).
+    BF16,
+    /// 32 values: f16 `d`, 32 signed bytes.
+    Q8_0,
+    /// 32 values: f16 `d`, f16 `s = d * sum(q)`, 32 signed bytes.
+    Q8_1,
+    /// 256 values: f32 `d`, 256 signed bytes, 16 i16 sums of 16 quants each.
+    Q8_K,
+}
+
+impl GgmlType {
+    /// All supported types.
+    pub const ALL: [GgmlType; 13] = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::Q2_K,
+        GgmlType::Q3_K,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+    ];
+
+    /// The type with ggml's numeric id (`enum ggml_type`), if supported.
+    pub fn from_ggml_id(id: u32) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.ggml_id() == id)
+    }
+
+    /// ggml's numeric id of this type (`enum ggml_type` in `ggml.h`).
+    pub fn ggml_id(self) -> u32 {
+        match self {
+            GgmlType::F32 => 0,
+            GgmlType::F16 => 1,
+            GgmlType::Q4_0 => 2,
+            GgmlType::Q4_1 => 3,
+            GgmlType::Q5_0 => 6,
+            GgmlType::Q5_1 => 7,
+            GgmlType::Q8_0 => 8,
+            GgmlType::Q2_K => 10,
+            GgmlType::Q3_K => 11,
+            GgmlType::Q4_K => 12,
+            GgmlType::Q5_K => 13,
+            GgmlType::Q6_K => 14,
+            GgmlType::BF16 => 30,
+        }
+    }
+
+    /// ggml's name of the type (`"q4_K"` style names are upper-cased as llama.cpp prints them).
+    pub fn name(self) -> &'static str {
+        match self {
+            GgmlType::F32 => "F32",
+            GgmlType::F16 => "F16",
+            GgmlType::BF16 => "BF16",
+            GgmlType::Q4_0 => "Q4_0",
+            GgmlType::Q4_1 => "Q4_1",
+            GgmlType::Q5_0 => "Q5_0",
+            GgmlType::Q5_1 => "Q5_1",
+            GgmlType::Q8_0 => "Q8_0",
+            GgmlType::Q2_K => "Q2_K",
+            GgmlType::Q3_K => "Q3_K",
+            GgmlType::Q4_K => "Q4_K",
+            GgmlType::Q5_K => "Q5_K",
+            GgmlType::Q6_K => "Q6_K",
+        }
+    }
+
+    /// Elements per block.
+    pub fn block_size(self) -> usize {
+        match self {
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => {
+                32
+            }
+            GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => {
+                256
+            }
+        }
+    }
+
+    /// Bytes per block.
+    pub fn type_size(self) -> usize {
+        match self {
+            GgmlType::F32 => 4,
+            GgmlType::F16 | GgmlType::BF16 => 2,
+            GgmlType::Q4_0 => 18,
+            GgmlType::Q4_1 => 20,
+            GgmlType::Q5_0 => 22,
+            GgmlType::Q5_1 => 24,
+            GgmlType::Q8_0 => 34,
+            GgmlType::Q2_K => 84,
+            GgmlType::Q3_K => 110,
+            GgmlType::Q4_K => 144,
+            GgmlType::Q5_K => 176,
+            GgmlType::Q6_K => 210,
+        }
+    }
+
+    /// Bytes of a row of `n` elements; `None` when `n` is not a multiple of the block size.
+    pub fn row_bytes(self, n: usize) -> Option<usize> {
+        n.is_multiple_of(self.block_size())
+            .then(|| n / self.block_size() * self.type_size())
+    }
+
+    /// Dequantizes one row: `src` holds `dst.len()` elements in this type's GGUF layout
+    /// ([`GgmlType::row_bytes`] bytes); `dst` receives them as f32.
+    ///
+    /// Panics when `dst.len()` is not a multiple of the block size or `src` has the wrong length
+    /// (callers validate tensor shapes first).
+    pub fn dequantize_row(self, src: &[u8], dst: &mut [f32]) {
+        assert_eq!(
+            self.row_bytes(dst.len()),
+            Some(src.len()),
+            "{self}: {} bytes for a row of {} elements",
+            src.len(),
+            dst.len()
+        );
+        match self {
+            GgmlType::F32 => float::dequantize_row_f32(src, dst),
+            GgmlType::F16 => float::dequantize_row_f16(src, dst),
+            GgmlType::BF16 => float::dequantize_row_bf16(src, dst),
+            GgmlType::Q4_0 => legacy::dequantize_row_q4_0(src, dst),
+            GgmlType::Q4_1 => legacy::dequantize_row_q4_1(src, dst),
+            GgmlType::Q5_0 => legacy::dequantize_row_q5_0(src, dst),
+            GgmlType::Q5_1 => legacy::dequantize_row_q5_1(src, dst),
+            GgmlType::Q8_0 => legacy::dequantize_row_q8_0(src, dst),
+            GgmlType::Q2_K => kquants::dequantize_row_q2_k(src, dst),
+            GgmlType::Q3_K => kquants::dequantize_row_q3_k(src, dst),
+            GgmlType::Q4_K => kquants::dequantize_row_q4_k(src, dst),
+            GgmlType::Q5_K => kquants::dequantize_row_q5_k(src, dst),
+            GgmlType::Q6_K => kquants::dequantize_row_q6_k(src, dst),
+        }
+    }
+
+    /// The dot-product kernel for weight rows of this type (see [`vec_dot`]).
+    pub(crate) fn vec_dot_fn(self) -> VecDotFn {
+        match self {
+            GgmlType::F32 => float::vec_dot_f32,
+            GgmlType::F16 => float::vec_dot_f16,
+            GgmlType::BF16 => float::vec_dot_bf16,
+            GgmlType::Q4_0 => legacy::vec_dot_q4_0_q8_0,
+            GgmlType::Q4_1 => legacy::vec_dot_q4_1_q8_1,
+            GgmlType::Q5_0 => legacy::vec_dot_q5_0_q8_0,
+            GgmlType::Q5_1 => legacy::vec_dot_q5_1_q8_1,
+            GgmlType::Q8_0 => legacy::vec_dot_q8_0_q8_0,
+            GgmlType::Q2_K => kquants::vec_dot_q2_k_q8_k,
+            GgmlType::Q3_K => kquants::vec_dot_q3_k_q8_k,
+            GgmlType::Q4_K => kquants::vec_dot_q4_k_q8_k,
+            GgmlType::Q5_K => kquants::vec_dot_q5_k_q8_k,
+            GgmlType::Q6_K => kquants::vec_dot_q6_k_q8_k,
+        }
+    }
+
+    /// The type activations are quantized to for dot products with rows of this type.
+    pub fn vec_dot_type(self) -> VecDotType {
+        match self {
+            GgmlType::F32 => VecDotType::F32,
+            GgmlType::F16 => VecDotType::F16,
+            GgmlType::BF16 => VecDotType::BF16,
+            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => VecDotType::Q8_0,
+            GgmlType::Q4_1 | GgmlType::Q5_1 => VecDotType::Q8_1,
+            GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => {
+                VecDotType::Q8_K
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for GgmlType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl VecDotType {
+    /// Elements per block.
+    pub fn block_size(self) -> usize {
+        match self {
+            VecDotType::F32 | VecDotType::F16 | VecDotType::BF16 => 1,
+            VecDotType::Q8_0 | VecDotType::Q8_1 => 32,
+            VecDotType::Q8_K => 256,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn type_size(self) -> usize {
+        match self {
+            VecDotType::F32 => 4,
+            VecDotType::F16 | VecDotType::BF16 => 2,
+            VecDotType::Q8_0 => 34,
+            VecDotType::Q8_1 => 36,
+            VecDotType::Q8_K => 292,
+        }
+    }
+
+    /// Bytes of a row of `n` elements (`n` a multiple of the block size).
+    pub fn row_bytes(self, n: usize) -> usize {
+        n / self.block_size() * self.type_size()
+    }
+
+    /// Quantizes (or converts) one f32 activation row `x` to this type's layout in `dst`.
+    ///
+    /// `x.len()` must be a multiple of the block size and `dst.len()` equal to
+    /// [`VecDotType::row_bytes`]`(x.len())`; panics otherwise. Q8_0 / Q8_1 are bit-exact with
+    /// ggml's `quantize_row_q8_0_ref` / `quantize_row_q8_1_ref`, F16 / BF16 with ggml's
+    /// conversions (see [`legacy`], [`float`], [`kquants`]).
+    pub fn quantize_row(self, x: &[f32], dst: &mut [u8]) {
+        assert!(
+            x.len().is_multiple_of(self.block_size()) && dst.len() == self.row_bytes(x.len()),
+            "{self:?}: {} bytes for a row of {} elements",
+            dst.len(),
+            x.len()
+        );
+        match self {
+            VecDotType::F32 => float::quantize_row_f32(x, dst),
+            VecDotType::F16 => float::quantize_row_f16(x, dst),
+            VecDotType::BF16 => float::quantize_row_bf16(x, dst),
+            VecDotType::Q8_0 => legacy::quantize_row_q8_0(x, dst),
+            VecDotType::Q8_1 => legacy::quantize_row_q8_1(x, dst),
+            VecDotType::Q8_K => kquants::quantize_row_q8_k(x, dst),
+        }
+    }
+}
+
+/// A row dot-product kernel: `(w, a, n)` as in [`vec_dot`].
+pub(crate) type VecDotFn = fn(&[u8], &[u8], usize) -> f32;
+
+/// Dot product of one weight row and one activation row of `n` elements.
+///
+/// `w` is `n` elements of type `w_ty` in GGUF layout ([`GgmlType::row_bytes`]`(n)` bytes); `a` is
+/// the activation row already in `w_ty.vec_dot_type()` layout ([`VecDotType::row_bytes`]`(n)`
+/// bytes, e.g. from [`VecDotType::quantize_row`]). Panics on length mismatches or when `n` is not
+/// a multiple of the block size.
+pub fn vec_dot(w_ty: GgmlType, w: &[u8], a: &[u8], n: usize) -> f32 {
+    (w_ty.vec_dot_fn())(w, a, n)
+}
+
+pub mod float;
+pub mod kquants;
+pub mod legacy;
+
+/// Test helpers shared by the kernel tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::GgmlType;
+    use half::f16;
+    use rand::Rng;
+    use rand_chacha::ChaCha8Rng;
+
+    /// A random row of `n` elements of `ty` (float or legacy quant types) in GGUF layout. Float
+    /// elements are uniform in [-1, 1); quant blocks have random quant bits and finite f16 scales
+    /// (`d` of magnitude in [1e-3, 0.1), either sign; `m` in [-0.5, 0.5)).
+    pub(crate) fn random_row(ty: GgmlType, n: usize, rng: &mut ChaCha8Rng) -> Vec<u8> {
+        let f16_bytes = |rng: &mut ChaCha8Rng, lo: f32, hi: f32, signed: bool| {
+            let v = rng.random_range(lo..hi);
+            let v = if signed && rng.random::<bool>() {
+                -v
+            } else {
+                v
+            };
+            f16::from_f32(v).to_le_bytes()
+        };
+        let has_min = match ty {
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
+                let x: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+                let mut out = vec![0u8; ty.vec_dot_type().row_bytes(n)];
+                ty.vec_dot_type().quantize_row(&x, &mut out);
+                return out;
+            }
+            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => false,
+            GgmlType::Q4_1 | GgmlType::Q5_1 => true,
+            _ => panic!("random_row: {ty} not supported"),
+        };
+        let mut out = vec![0u8; ty.row_bytes(n).expect("whole blocks")];
+        rng.fill(&mut out[..]);
+        // Every legacy block starts with `d` (f16), followed by `m` (f16) in the `_1` types.
+        for block in out.chunks_exact_mut(ty.type_size()) {
+            block[..2].copy_from_slice(&f16_bytes(rng, 1e-3, 0.1, true));
+            if has_min {
+                block[2..4].copy_from_slice(&f16_bytes(rng, -0.5, 0.5, false));
+            }
+        }
+        out
+    }
+}
