@@ -2,3 +2,9 @@
 //! chat templates and sampling, used by the `moeshard` binary.
 
 pub mod gguf;
+pub mod experts;
+pub mod kv_cache;
+pub mod model;
+pub mod session;
+pub mod tokenizer;
+pub mod chat;

@@ -1,0 +1,77 @@
+//! Helpers shared by the integration tests: fixture paths and references, the built binary.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The folder holding the fixture models (`tests/fixtures`).
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures"))
+}
+
+/// Path of fixture model `name` (e.g. `tiny-mellum-q8_0`).
+pub fn model_path(name: &str) -> PathBuf {
+    fixtures().join(format!("{name}.gguf"))
+}
+
+/// The parsed `{name}.public.json` reference outputs.
+pub fn reference(name: &str) -> Value {
+    let path = fixtures().join(format!("{name}.public.json"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A JSON array of numbers as `u32`s.
+pub fn u32s(v: &Value) -> Vec<u32> {
+    v.as_array().expect("array").iter().map(|x| x.as_u64().expect("integer") as u32).collect()
+}
+
+/// A JSON array of numbers as `f64`s.
+pub fn f64s(v: &Value) -> Vec<f64> {
+    v.as_array().expect("array").iter().map(|x| x.as_f64().expect("number")).collect()
+}
+
+/// A unique scratch path under the system temp dir (removed by the caller).
+pub fn temp_path(tag: &str) -> PathBuf {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    std::env::temp_dir().join(format!("moeshard-test-{}-{n}-{tag}", std::process::id()))
+}
+
+/// Runs the `moeshard` binary with `args`, killing it after `timeout`. Output is drained by
+/// reader threads, so a chatty child never blocks on a full pipe.
+pub fn moeshard(args: &[&str], timeout: Duration) -> Output {
+    use std::io::Read;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_moeshard"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn moeshard");
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().expect("stdout")));
+    let stderr = drain(Box::new(child.stderr.take().expect("stderr")));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            let err = stderr.join().unwrap_or_default();
+            panic!("moeshard {args:?} timed out after {timeout:?}; stderr: {}", String::from_utf8_lossy(&err));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output { status, stdout: stdout.join().unwrap_or_default(), stderr: stderr.join().unwrap_or_default() }
+}
