@@ -8,3 +8,4 @@ pub mod model;
 pub mod session;
 pub mod tokenizer;
 pub mod chat;
+pub mod cli;
