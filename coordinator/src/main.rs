@@ -1,1 +1,5 @@
-fn main() {}
+//! The `moeshard` binary: see `moeshard --help` and the crate docs of [`moeshard::cli`].
+
+fn main() -> std::process::ExitCode {
+    moeshard::cli::main()
+}

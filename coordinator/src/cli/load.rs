@@ -1,0 +1,71 @@
+//! Loading a model for a command: open, validate, page the file in with a progress bar, build
+//! the thread pool and an empty session.
+
+use std::io::IsTerminal;
+use std::sync::Arc;
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::ModelArgs;
+use crate::experts::LocalExperts;
+use crate::gguf::GgufFile;
+use crate::model::Model;
+use crate::session::Session;
+use crate::tokenizer::Tokenizer;
+
+/// Default context size when `-c` is not given.
+const DEFAULT_CTX: usize = 4096;
+
+/// A loaded model with its tokenizer, thread pool and an empty session.
+pub struct Loaded {
+    pub gguf: Arc<GgufFile>,
+    pub tokenizer: Tokenizer,
+    pub session: Session,
+    pub pool: rayon::ThreadPool,
+}
+
+pub fn load(args: &ModelArgs) -> anyhow::Result<Loaded> {
+    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    anyhow::ensure!(threads > 0, "-t must be at least 1");
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().context("building the thread pool")?;
+    let gguf = Arc::new(GgufFile::open(&args.model)?);
+    page_in(&gguf);
+    let model = Arc::new(Model::from_gguf(gguf.clone())?);
+    let tokenizer = Tokenizer::from_gguf(&gguf)?;
+    let n_ctx = args.ctx_size.unwrap_or(DEFAULT_CTX.min(model.config.n_ctx_train));
+    anyhow::ensure!(n_ctx > 0, "-c must be at least 1");
+    let experts = Arc::new(LocalExperts::new(model.clone()));
+    let session = Session::new(model, experts, n_ctx, args.cache_type_k, args.cache_type_v)?;
+    Ok(Loaded { gguf, tokenizer, session, pool })
+}
+
+/// Touches every page of the mapped file so the first tokens do not stall on page faults,
+/// showing a progress bar on a terminal for files over 256 MiB.
+fn page_in(gguf: &GgufFile) {
+    const PAGE: usize = 4096;
+    const STEP: usize = 64 << 20;
+    let data = gguf.data();
+    let bar = if data.len() > 256 << 20 && std::io::stderr().is_terminal() {
+        let bar = ProgressBar::new(data.len() as u64);
+        bar.set_style(
+            ProgressStyle::with_template("loading {msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec})")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.set_message(gguf.path().display().to_string());
+        Some(bar)
+    } else {
+        None
+    };
+    let mut sum = 0u8;
+    for chunk in data.chunks(STEP) {
+        sum = chunk.iter().step_by(PAGE).fold(sum, |a, &b| a.wrapping_add(b));
+        if let Some(bar) = &bar {
+            bar.inc(chunk.len() as u64);
+        }
+    }
+    std::hint::black_box(sum);
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+}

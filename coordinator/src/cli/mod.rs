@@ -1,0 +1,91 @@
+//! The `moeshard` command line: `run` (generate) and `score` (teacher-forced scoring).
+//!
+//! Flags follow llama.cpp's names where one exists (`-m`, `-p`, `-n`, `-t`, `-c`, `--temp`,
+//! `--top-k`, `--top-p`, `--min-p`, `--repeat-penalty`, `--seed`, `-ctk`/`-ctv`).
+
+mod load;
+mod run;
+mod score;
+
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::kv_cache::KvType;
+
+/// Serve Mixture-of-Experts models across the machines you have.
+#[derive(Parser, Debug)]
+#[command(name = "moeshard", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Generate text from a prompt, streaming it to stdout.
+    Run(run::RunArgs),
+    /// Teacher-forced scoring of a text (like llama-perplexity over one sequence).
+    Score(score::ScoreArgs),
+}
+
+/// Options shared by every command that loads a model.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// GGUF model file.
+    #[arg(short = 'm', long = "model")]
+    pub model: std::path::PathBuf,
+    /// Compute threads (default: all available cores).
+    #[arg(short = 't', long = "threads")]
+    pub threads: Option<usize>,
+    /// Context size in tokens (default 4096, at most the model's training context).
+    #[arg(short = 'c', long = "ctx-size")]
+    pub ctx_size: Option<usize>,
+    /// KV cache type for keys: f32, f16, bf16, q8_0 (`-ctk`).
+    #[arg(long = "cache-type-k", default_value = "f16", value_parser = parse_kv_type)]
+    pub cache_type_k: KvType,
+    /// KV cache type for values: f32, f16, bf16, q8_0 (`-ctv`).
+    #[arg(long = "cache-type-v", default_value = "f16", value_parser = parse_kv_type)]
+    pub cache_type_v: KvType,
+}
+
+fn parse_kv_type(s: &str) -> Result<KvType, String> {
+    KvType::parse(s).ok_or_else(|| format!("unknown KV cache type {s:?} (expected f32, f16, bf16 or q8_0)"))
+}
+
+/// llama.cpp's two-letter single-dash flags, which clap cannot express, mapped to long forms.
+fn normalize_args(args: impl Iterator<Item = String>) -> Vec<String> {
+    args.map(|a| match a.as_str() {
+        "-ctk" => "--cache-type-k".to_string(),
+        "-ctv" => "--cache-type-v".to_string(),
+        _ => a,
+    })
+    .collect()
+}
+
+/// Entry point of the binary: parses `std::env::args`, runs the command, prints any error as
+/// one line on stderr and returns exit code 1 for it.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse_from(normalize_args(std::env::args())) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MOESHARD_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Score(args) => score::score(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
