@@ -100,7 +100,7 @@ impl KvCache {
         let row_elems = config.n_embd_kv();
         for ty in [k_type, v_type] {
             let block = ty.storage().0.block_size();
-            if row_elems % block != 0 {
+            if !row_elems.is_multiple_of(block) {
                 return Err(KvError::BadRow { ty, block, row: row_elems });
             }
         }

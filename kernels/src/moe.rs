@@ -27,7 +27,7 @@ pub struct Route {
 /// `k` experts in descending probability (ties: lower expert id first), so summing a token's
 /// routes in the returned order reproduces llama.cpp's slot order.
 pub fn softmax_top_k(logits: &[f32], n_expert: usize, k: usize, renormalize: bool) -> Vec<Route> {
-    assert!(k >= 1 && k <= n_expert && logits.len() % n_expert == 0);
+    assert!(k >= 1 && k <= n_expert && logits.len().is_multiple_of(n_expert));
     let mut routes = Vec::with_capacity(logits.len() / n_expert * k);
     let mut probs = vec![0.0f32; n_expert];
     let mut order: Vec<u32> = Vec::with_capacity(n_expert);
@@ -97,7 +97,7 @@ pub fn grouped_expert_ffn<'a>(
     out: &mut [f32],
 ) {
     assert_eq!(x.len(), out.len());
-    assert!(n_embd > 0 && x.len() % n_embd == 0);
+    assert!(n_embd > 0 && x.len().is_multiple_of(n_embd));
     let n_tokens = x.len() / n_embd;
     let mut by_expert: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
     for (i, r) in routes.iter().enumerate() {

@@ -7,7 +7,7 @@
 /// Panics if `x.len()` is not a multiple of `weight.len()`.
 pub fn rms_norm_inplace(x: &mut [f32], weight: &[f32], eps: f32) {
     let n = weight.len();
-    assert!(n > 0 && x.len() % n == 0, "rms_norm: {} values do not split into rows of {n}", x.len());
+    assert!(n > 0 && x.len().is_multiple_of(n), "rms_norm: {} values do not split into rows of {n}", x.len());
     for row in x.chunks_exact_mut(n) {
         let sum: f64 = row.iter().map(|&v| f64::from(v * v)).sum();
         let mean = (sum / n as f64) as f32;

@@ -118,7 +118,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             let top = top_logprobs(&lp, args.logprobs.unwrap_or(0));
             let line = json!({
                 "id": id,
-                "text": String::from_utf8_lossy(&tok.token_bytes(id)),
+                "text": String::from_utf8_lossy(tok.token_bytes(id)),
                 "logprob": lp[id as usize],
                 "top": top,
             });
