@@ -9,3 +9,4 @@ pub mod session;
 pub mod tokenizer;
 pub mod chat;
 pub mod cli;
+pub mod cluster;

@@ -82,13 +82,92 @@ pub struct ExpertFfn<'a> {
     pub down: QMatrix<'a>,
 }
 
+/// A batch of hidden states quantized once per activation type its experts need
+/// (`[n_tokens, n_embd]` rows in each type's block layout).
+pub struct QuantizedInputs {
+    /// Hidden size of each row, in elements.
+    pub n_embd: usize,
+    /// Rows in the batch.
+    pub n_tokens: usize,
+    per_type: Vec<QuantizedActivations>,
+}
+
+impl QuantizedInputs {
+    /// Quantizes `x` (`[n_tokens, n_embd]`) to each of `types` (duplicates are skipped).
+    pub fn quantize(x: &[f32], n_embd: usize, types: impl IntoIterator<Item = VecDotType>) -> Self {
+        assert!(n_embd > 0 && x.len().is_multiple_of(n_embd));
+        let n_tokens = x.len() / n_embd;
+        let mut per_type: Vec<QuantizedActivations> = Vec::new();
+        for ty in types {
+            if per_type.iter().all(|q| q.ty != ty) {
+                per_type.push(QuantizedActivations::quantize(ty, x, n_tokens, n_embd));
+            }
+        }
+        QuantizedInputs { n_embd, n_tokens, per_type }
+    }
+
+    /// Wraps already quantized rows (e.g. received from the coordinator); each must hold
+    /// `n_tokens` rows of `n_embd` elements, one entry per type.
+    pub fn from_parts(n_embd: usize, n_tokens: usize, per_type: Vec<QuantizedActivations>) -> Self {
+        for q in &per_type {
+            assert!(q.cols == n_embd && q.n_rows == n_tokens, "quantized rows do not match the batch shape");
+        }
+        QuantizedInputs { n_embd, n_tokens, per_type }
+    }
+
+    /// The rows quantized to `ty`, if present.
+    pub fn get(&self, ty: VecDotType) -> Option<&QuantizedActivations> {
+        self.per_type.iter().find(|q| q.ty == ty)
+    }
+
+    /// Every type present, with its rows.
+    pub fn parts(&self) -> &[QuantizedActivations] {
+        &self.per_type
+    }
+
+    /// The rows `tokens` of the `ty` copy, as a new batch (bytes copied, no requantization).
+    pub fn gather(&self, ty: VecDotType, tokens: &[usize]) -> Option<QuantizedActivations> {
+        let all = self.get(ty)?;
+        let mut data = Vec::with_capacity(tokens.len() * ty.row_bytes(self.n_embd));
+        for &t in tokens {
+            data.extend_from_slice(all.row(t));
+        }
+        Some(QuantizedActivations { ty, n_rows: tokens.len(), cols: self.n_embd, data })
+    }
+}
+
+/// Errors of [`grouped_expert_ffn_quantized`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum MoeError {
+    /// An expert needs activations in a type the inputs do not carry.
+    MissingActivations(VecDotType),
+    /// A route names a token outside the batch.
+    TokenOutOfRange {
+        /// The token row.
+        token: u32,
+        /// Rows in the batch.
+        n_tokens: usize,
+    },
+}
+
+impl std::fmt::Display for MoeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MoeError::MissingActivations(ty) => write!(f, "the batch carries no {ty:?} activations"),
+            MoeError::TokenOutOfRange { token, n_tokens } => write!(f, "route to token {token} of a {n_tokens}-token batch"),
+        }
+    }
+}
+
+impl std::error::Error for MoeError {}
+
 /// Runs every routed (token, expert) pair and writes the gate-weighted sums to `out`.
 ///
 /// `x` is `[n_tokens, n_embd]` (the normalised hidden states), `out` is `[n_tokens, n_embd]` and is
 /// overwritten: row `t` becomes `sum over routes r with r.token == t (in the order of routes) of
-/// r.weight * down(silu(gate(x_t)) * up(x_t))`; tokens with no route get zeros. Tokens are grouped
-/// per expert, so each expert's weights are read once for all its tokens; `x` is quantized once
-/// per activation type, however many experts use it. `expert(e)` returns expert `e`'s matrices.
+/// r.weight * down(silu(gate(x_t)) * up(x_t))`; tokens with no route get zeros. `expert(e)`
+/// returns expert `e`'s matrices. Quantizes `x` once per activation type the routed experts
+/// need, then calls [`grouped_expert_ffn_quantized`].
 pub fn grouped_expert_ffn<'a>(
     expert: impl Fn(u32) -> ExpertFfn<'a>,
     x: &[f32],
@@ -97,27 +176,48 @@ pub fn grouped_expert_ffn<'a>(
     out: &mut [f32],
 ) {
     assert_eq!(x.len(), out.len());
-    assert!(n_embd > 0 && x.len().is_multiple_of(n_embd));
-    let n_tokens = x.len() / n_embd;
+    let mut types: Vec<VecDotType> = Vec::new();
+    for r in routes {
+        let ffn = expert(r.expert);
+        types.extend([ffn.gate.ty.vec_dot_type(), ffn.up.ty.vec_dot_type()]);
+    }
+    let inputs = QuantizedInputs::quantize(x, n_embd, types);
+    grouped_expert_ffn_quantized(expert, &inputs, routes, out).expect("inputs quantized for every routed expert");
+}
+
+/// [`grouped_expert_ffn`] over pre-quantized inputs: the same result, bit for bit, as long as
+/// the inputs were quantized from the same f32 rows. Tokens are grouped per expert (ascending
+/// expert id), so each expert's weights are read once for all its tokens.
+pub fn grouped_expert_ffn_quantized<'a>(
+    expert: impl Fn(u32) -> ExpertFfn<'a>,
+    inputs: &QuantizedInputs,
+    routes: &[Route],
+    out: &mut [f32],
+) -> Result<(), MoeError> {
+    let (n_embd, n_tokens) = (inputs.n_embd, inputs.n_tokens);
+    assert_eq!(out.len(), n_tokens * n_embd);
     let mut by_expert: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
     for (i, r) in routes.iter().enumerate() {
-        assert!((r.token as usize) < n_tokens, "route to token {} of {n_tokens}", r.token);
+        if r.token as usize >= n_tokens {
+            return Err(MoeError::TokenOutOfRange { token: r.token, n_tokens });
+        }
         by_expert.entry(r.expert).or_default().push(i);
     }
 
-    let mut quantized: Vec<QuantizedActivations> = Vec::new();
     let mut results = vec![0.0f32; routes.len() * n_embd];
     for (&e, route_ids) in &by_expert {
         let ffn = expert(e);
         let tokens: Vec<usize> = route_ids.iter().map(|&i| routes[i].token as usize).collect();
-        let gate_in = gather(&mut quantized, ffn.gate.ty.vec_dot_type(), x, n_tokens, n_embd, &tokens);
+        let gate_ty = ffn.gate.ty.vec_dot_type();
+        let gate_in = inputs.gather(gate_ty, &tokens).ok_or(MoeError::MissingActivations(gate_ty))?;
         let n_ff = ffn.gate.rows;
         let mut gate = vec![0.0f32; tokens.len() * n_ff];
         matmul(&ffn.gate, &gate_in, &mut gate);
-        let up_in = if ffn.up.ty.vec_dot_type() == gate_in.ty {
+        let up_ty = ffn.up.ty.vec_dot_type();
+        let up_in = if up_ty == gate_ty {
             gate_in
         } else {
-            gather(&mut quantized, ffn.up.ty.vec_dot_type(), x, n_tokens, n_embd, &tokens)
+            inputs.gather(up_ty, &tokens).ok_or(MoeError::MissingActivations(up_ty))?
         };
         let mut up = vec![0.0f32; tokens.len() * n_ff];
         matmul(&ffn.up, &up_in, &mut up);
@@ -139,32 +239,7 @@ pub fn grouped_expert_ffn<'a>(
             *o += p * r.weight;
         }
     }
-}
-
-/// The rows `tokens` of `x`, quantized to `ty`; `x` is quantized at most once per type (cached in
-/// `cache`) and rows are copied out as bytes.
-fn gather(
-    cache: &mut Vec<QuantizedActivations>,
-    ty: VecDotType,
-    x: &[f32],
-    n_tokens: usize,
-    n_embd: usize,
-    tokens: &[usize],
-) -> QuantizedActivations {
-    let idx = match cache.iter().position(|q| q.ty == ty) {
-        Some(i) => i,
-        None => {
-            cache.push(QuantizedActivations::quantize(ty, x, n_tokens, n_embd));
-            cache.len() - 1
-        }
-    };
-    let all = &cache[idx];
-    let row_bytes = ty.row_bytes(n_embd);
-    let mut data = Vec::with_capacity(tokens.len() * row_bytes);
-    for &t in tokens {
-        data.extend_from_slice(all.row(t));
-    }
-    QuantizedActivations { ty, n_rows: tokens.len(), cols: n_embd, data }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -7,8 +7,10 @@ use std::sync::Arc;
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::ModelArgs;
-use crate::experts::LocalExperts;
+use super::{ClusterArgs, ModelArgs};
+use moeshard_protocol::auth::ClusterKey;
+use crate::cluster::{Cluster, ClusterExperts, ClusterOptions};
+use crate::experts::{ExpertBackend, LocalExperts};
 use crate::gguf::GgufFile;
 use crate::model::Model;
 use crate::session::Session;
@@ -23,6 +25,8 @@ pub struct Loaded {
     pub tokenizer: Tokenizer,
     pub session: Session,
     pub pool: rayon::ThreadPool,
+    /// The distributed expert backend, when workers are in use.
+    pub cluster: Option<Arc<ClusterExperts>>,
 }
 
 pub fn load(args: &ModelArgs) -> anyhow::Result<Loaded> {
@@ -35,9 +39,44 @@ pub fn load(args: &ModelArgs) -> anyhow::Result<Loaded> {
     let tokenizer = Tokenizer::from_gguf(&gguf)?;
     let n_ctx = args.ctx_size.unwrap_or(DEFAULT_CTX.min(model.config.n_ctx_train));
     anyhow::ensure!(n_ctx > 0, "-c must be at least 1");
-    let experts = Arc::new(LocalExperts::new(model.clone()));
+    let cluster = pool.install(|| start_cluster(&model, &args.cluster))?;
+    let experts: Arc<dyn ExpertBackend> = match &cluster {
+        Some(c) => c.clone(),
+        None => Arc::new(LocalExperts::new(model.clone())),
+    };
     let session = Session::new(model, experts, n_ctx, args.cache_type_k, args.cache_type_v)?;
-    Ok(Loaded { gguf, tokenizer, session, pool })
+    Ok(Loaded { gguf, tokenizer, session, pool, cluster })
+}
+
+/// Forms the cluster when a key is given. Without one, a fresh key is generated and the command
+/// to start workers with it is printed (no worker can know that key yet, so the run is local).
+fn start_cluster(model: &Arc<Model>, args: &ClusterArgs) -> anyhow::Result<Option<Arc<ClusterExperts>>> {
+    let key = match (&args.cluster_key, &args.cluster_key_file) {
+        (Some(k), _) => ClusterKey::parse(k).context("--cluster-key")?,
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("{}: cannot read the cluster key file", path.display()))?;
+            ClusterKey::parse(&text).with_context(|| format!("{}: cluster key file", path.display()))?
+        }
+        (None, None) => {
+            anyhow::ensure!(args.workers.is_empty(), "--worker needs the cluster key: pass --cluster-key KEY");
+            let key = ClusterKey::generate();
+            eprintln!(
+                "no cluster key given; generated one. To pool other machines, run on each:\n  moeshard-worker --cluster-key {}\nand pass the same --cluster-key here.",
+                key.reveal()
+            );
+            return Ok(None);
+        }
+    };
+    let opts = ClusterOptions {
+        key,
+        workers: args.workers.clone(),
+        discovery: !args.no_discovery,
+        discovery_timeout: std::time::Duration::from_millis(args.discovery_ms),
+        placement: args.placement.clone(),
+        deadline: std::time::Duration::from_millis(args.worker_timeout_ms),
+    };
+    Ok(Some(Cluster::start(model.clone(), &opts)?.experts))
 }
 
 /// Touches every page of the mapped file so the first tokens do not stall on page faults,

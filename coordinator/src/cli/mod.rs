@@ -47,6 +47,37 @@ pub struct ModelArgs {
     /// KV cache type for values: f32, f16, bf16, q8_0 (`-ctv`).
     #[arg(long = "cache-type-v", default_value = "f16", value_parser = parse_kv_type)]
     pub cache_type_v: KvType,
+    /// Worker pooling options.
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+}
+
+/// Options for pooling workers.
+#[derive(Args, Debug, Clone)]
+pub struct ClusterArgs {
+    /// The cluster's shared secret (workers must be started with the same key).
+    #[arg(long = "cluster-key", env = "MOESHARD_CLUSTER_KEY", hide_env_values = true)]
+    pub cluster_key: Option<String>,
+    /// A file holding the cluster key.
+    #[arg(long = "cluster-key-file", conflicts_with = "cluster_key")]
+    pub cluster_key_file: Option<std::path::PathBuf>,
+    /// A worker to use, `HOST:PORT` (repeatable), for networks where mDNS does not pass.
+    #[arg(long = "worker")]
+    pub workers: Vec<String>,
+    /// Do not browse mDNS for workers.
+    #[arg(long = "no-discovery")]
+    pub no_discovery: bool,
+    /// How long to browse mDNS for workers, in milliseconds.
+    #[arg(long = "discovery-ms", default_value_t = 1500)]
+    pub discovery_ms: u64,
+    /// Explicit expert placement: lines `LAYERS EXPERTS NODE` (`*`, `N`, `A-B`, lists; NODE is
+    /// `local` or a worker's name); unlisted experts stay on the coordinator.
+    #[arg(long = "placement")]
+    pub placement: Option<std::path::PathBuf>,
+    /// Deadline of one expert round trip to a worker, in milliseconds; a worker that misses it
+    /// is dropped and its experts computed here.
+    #[arg(long = "worker-timeout-ms", default_value_t = 10_000)]
+    pub worker_timeout_ms: u64,
 }
 
 fn parse_kv_type(s: &str) -> Result<KvType, String> {

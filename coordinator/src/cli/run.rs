@@ -59,6 +59,9 @@ pub struct RunArgs {
     /// JSON lines output (with `--logprobs`).
     #[arg(long)]
     json: bool,
+    /// Print per-worker traffic statistics to stderr at the end.
+    #[arg(long)]
+    stats: bool,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -137,6 +140,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         writeln!(out)?;
     }
     let gen_secs = t1.elapsed().as_secs_f64();
+    if args.stats {
+        match &loaded.cluster {
+            Some(cluster) => eprint!("{}", cluster.report()),
+            None => eprintln!("no workers: every expert ran on this machine"),
+        }
+    }
     eprintln!(
         "prompt: {} tokens, {:.1} tokens/s | generation: {} tokens, {:.1} tokens/s",
         prompt.len(),
