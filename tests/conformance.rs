@@ -19,7 +19,7 @@ use moeshard_kernels::sampling::argmax;
 use crate::util::{f64s, model_path, reference, u32s};
 
 /// Bounds of the fixture README's table.
-struct Bounds {
+pub struct Bounds {
     top1_agreement: f64,
     median_logprob_diff: f64,
     perplexity_rel: f64,
@@ -42,17 +42,22 @@ fn session(name: &str, kv: KvType) -> Session {
     Session::new(model.clone(), Arc::new(LocalExperts::new(model)), 2048, kv, kv).expect("session")
 }
 
+/// The bounds that apply to fixture `name` (f32 or quantized).
+pub fn bounds(name: &str) -> &'static Bounds {
+    if name.ends_with("f32") { &F32_BOUNDS } else { &QUANT_BOUNDS }
+}
+
 fn check(name: &str) {
-    let bounds = if name.ends_with("f32") { &F32_BOUNDS } else { &QUANT_BOUNDS };
+    let bounds = bounds(name);
     let r = reference(name);
-    teacher_forced(name, &r, bounds, KvType::F16);
-    let mut s = teacher_forced(name, &r, bounds, KvType::F32);
+    teacher_forced(name, &r, bounds, &mut session(name, KvType::F16), "F16 KV");
+    let mut s = session(name, KvType::F32);
+    teacher_forced(name, &r, bounds, &mut s, "F32 KV");
     greedy(name, &r, bounds, &mut s);
 }
 
-/// Checks the teacher-forced bounds with a `kv` cache; returns the session for reuse.
-fn teacher_forced(name: &str, r: &serde_json::Value, bounds: &Bounds, kv: KvType) -> Session {
-    let mut s = session(name, kv);
+/// Checks the teacher-forced bounds on session `s` (`label` names its setup in messages).
+pub fn teacher_forced(name: &str, r: &serde_json::Value, bounds: &Bounds, s: &mut Session, label: &str) {
     for tf in r["teacher_forced"].as_array().expect("teacher_forced") {
         let tokens = u32s(&tf["tokens"]);
         let scores = s.score(&tokens, 5).expect("score");
@@ -67,18 +72,17 @@ fn teacher_forced(name: &str, r: &serde_json::Value, bounds: &Bounds, kv: KvType
         let ref_ppl = tf["perplexity"].as_f64().expect("perplexity");
         let ppl_rel = (scores.perplexity - ref_ppl).abs() / ref_ppl;
         eprintln!(
-            "{name} {} ({kv:?} KV): top-1 agreement {agreement:.4}, median |dlogprob| {med:.5}, perplexity {:.3} vs {ref_ppl:.3} (rel {ppl_rel:.5})",
+            "{name} {} ({label}): top-1 agreement {agreement:.4}, median |dlogprob| {med:.5}, perplexity {:.3} vs {ref_ppl:.3} (rel {ppl_rel:.5})",
             tf["name"], scores.perplexity
         );
-        assert!(agreement >= bounds.top1_agreement, "{name} ({kv:?} KV): top-1 agreement {agreement}");
-        assert!(med <= bounds.median_logprob_diff, "{name} ({kv:?} KV): median logprob difference {med}");
-        assert!(ppl_rel <= bounds.perplexity_rel, "{name} ({kv:?} KV): perplexity {} vs {ref_ppl}", scores.perplexity);
+        assert!(agreement >= bounds.top1_agreement, "{name} ({label}): top-1 agreement {agreement}");
+        assert!(med <= bounds.median_logprob_diff, "{name} ({label}): median logprob difference {med}");
+        assert!(ppl_rel <= bounds.perplexity_rel, "{name} ({label}): perplexity {} vs {ref_ppl}", scores.perplexity);
     }
-    s
 }
 
 /// Checks the greedy continuations up to the margin rule.
-fn greedy(name: &str, r: &serde_json::Value, bounds: &Bounds, s: &mut Session) {
+pub fn greedy(name: &str, r: &serde_json::Value, bounds: &Bounds, s: &mut Session) {
     for g in r["greedy"].as_array().expect("greedy") {
         let prompt = u32s(&g["prompt_tokens"]);
         let expected = u32s(&g["greedy_tokens"]);

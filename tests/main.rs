@@ -6,6 +6,7 @@
 //! - `cli`: the `moeshard` binary as a user runs it, malformed files included.
 
 mod cli;
+mod cluster;
 mod conformance;
 mod reference;
 mod util;

@@ -75,3 +75,90 @@ pub fn moeshard(args: &[&str], timeout: Duration) -> Output {
     };
     Output { status, stdout: stdout.join().unwrap_or_default(), stderr: stderr.join().unwrap_or_default() }
 }
+
+/// Path of a binary built next to `moeshard` (e.g. `moeshard-worker`, built by
+/// `cargo test --workspace` because the worker package has integration tests).
+pub fn sibling_binary(name: &str) -> PathBuf {
+    let moeshard = PathBuf::from(env!("CARGO_BIN_EXE_moeshard"));
+    let path = moeshard.with_file_name(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(path.exists(), "{} is not built: run the tests with `cargo test --workspace`", path.display());
+    path
+}
+
+/// A `moeshard-worker` process on loopback, killed on drop.
+pub struct Worker {
+    child: std::process::Child,
+    /// The address it listens on.
+    pub addr: std::net::SocketAddr,
+}
+
+impl Worker {
+    /// Starts `moeshard-worker --listen 127.0.0.1:0 --no-mdns --name NAME --cache-dir DIR` with
+    /// `key` and waits (at most 60 s) for its `listening on ADDR` line.
+    pub fn start(name: &str, key: &str, cache_dir: &std::path::Path, extra: &[&str]) -> Worker {
+        use std::io::BufRead;
+        let mut child = Command::new(sibling_binary("moeshard-worker"))
+            .args(["--listen", "127.0.0.1:0", "--no-mdns", "--name", name, "--threads", "1"])
+            .arg("--cache-dir")
+            .arg(cache_dir)
+            .args(extra)
+            .env("MOESHARD_CLUSTER_KEY", key)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("spawn moeshard-worker");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = std::io::BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            for _ in lines {}
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("worker {name} did not report its address within 60 s");
+            }
+        };
+        let addr = line
+            .strip_prefix("listening on ")
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line from worker {name}: {line:?}"));
+        Worker { child, addr }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A scratch directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// Creates a fresh directory under the system temp dir.
+    pub fn new(tag: &str) -> TempDir {
+        let path = temp_path(tag);
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -76,7 +76,7 @@ impl Placement {
                 }
             })
             .collect();
-        let weights: Vec<f64> = nodes.iter().map(|n| f64::from(n.gemv_gbps.max(0.0)).max(1e-6)).collect();
+        let weights: Vec<f64> = nodes.iter().map(|n| speed_class(n.gemv_gbps)).collect();
         let counts = split(n_expert, &weights, &cap);
         let mut owner = Vec::with_capacity(n_layer * n_expert);
         for _ in 0..n_layer {
@@ -87,10 +87,11 @@ impl Placement {
         Placement { n_layer, n_expert, owner }
     }
 
-    /// Parses a placement file: one rule per line, `LAYERS EXPERTS NODE`, where LAYERS and EXPERTS
-    /// are `*`, a number, a range `A-B` (inclusive) or a comma list of those, and NODE is a name
-    /// from `node_names` (index = node). Later lines override earlier ones; experts no line names
-    /// stay on node 0. `#` starts a comment.
+    /// Parses a placement file: one rule per line, `LAYERS EXPERTS NODES`, where LAYERS and
+    /// EXPERTS are `*`, a number, a range `A-B` (inclusive) or a comma list of those, and NODES is
+    /// a name from `node_names` (index = node) or a comma list of names, over which each layer's
+    /// selected experts are split in contiguous, near-equal runs (`* * w1,w2`: half each). Later
+    /// lines override earlier ones; experts no line names stay on node 0. `#` starts a comment.
     pub fn parse(text: &str, n_layer: usize, n_expert: usize, node_names: &[String]) -> Result<Placement, PlacementError> {
         let mut p = Placement::all_local(n_layer, n_expert);
         for (i, raw) in text.lines().enumerate() {
@@ -100,18 +101,23 @@ impl Placement {
             }
             let err = |message: String| PlacementError::Syntax { line: i + 1, message };
             let fields: Vec<&str> = line.split_whitespace().collect();
-            let [layers, experts, node] = fields[..] else {
-                return Err(err(format!("expected `LAYERS EXPERTS NODE`, found {line:?}")));
+            let [layers, experts, nodes] = fields[..] else {
+                return Err(err(format!("expected `LAYERS EXPERTS NODES`, found {line:?}")));
             };
             let layers = parse_set(layers, n_layer).map_err(|m| err(format!("layers: {m}")))?;
             let experts = parse_set(experts, n_expert).map_err(|m| err(format!("experts: {m}")))?;
-            let node = node_names
-                .iter()
-                .position(|n| n == node)
-                .ok_or_else(|| err(format!("unknown node {node:?} (known: {})", node_names.join(", "))))?;
+            let nodes = nodes
+                .split(',')
+                .map(|name| {
+                    node_names
+                        .iter()
+                        .position(|n| n == name)
+                        .ok_or_else(|| err(format!("unknown node {name:?} (known: {})", node_names.join(", "))))
+                })
+                .collect::<Result<Vec<usize>, _>>()?;
             for &l in &layers {
-                for &e in &experts {
-                    p.owner[l * n_expert + e] = node;
+                for (i, &e) in experts.iter().enumerate() {
+                    p.owner[l * n_expert + e] = nodes[i * nodes.len() / experts.len()];
                 }
             }
         }
@@ -135,6 +141,13 @@ impl Placement {
     pub fn reclaim(&mut self, node: usize) {
         self.owner.iter_mut().filter(|o| **o == node).for_each(|o| *o = 0);
     }
+}
+
+/// A measured speed rounded to a step of 2^(1/4) (about 19%), so that measurement noise does
+/// not move experts between runs (a moved expert is a cache miss on its new node).
+fn speed_class(gbps: f32) -> f64 {
+    let g = f64::from(gbps).max(1e-3);
+    2f64.powf((g.log2() * 4.0).round() / 4.0)
 }
 
 /// Largest-remainder split of `total` by `weights`, respecting `cap` (spill goes to the others).
@@ -204,6 +217,13 @@ mod tests {
     }
 
     #[test]
+    fn noise_in_measured_speed_does_not_move_experts() {
+        let a = [node("local", u64::MAX, 10.0), node("a", u64::MAX, 9.5)];
+        let b = [node("local", u64::MAX, 10.3), node("a", u64::MAX, 9.2)];
+        assert_eq!(Placement::proportional(2, 64, 1, &a), Placement::proportional(2, 64, 1, &b));
+    }
+
+    #[test]
     fn memory_caps_spill_to_others() {
         // "a" is fastest but holds only 4 experts per layer (2 layers x 4 x 100 bytes).
         let nodes = [node("local", u64::MAX, 1.0), node("a", 800, 100.0), node("b", u64::MAX, 1.0)];
@@ -233,6 +253,10 @@ mod tests {
         let e = Placement::parse("\n* 0 nobody", 2, 8, &names).unwrap_err();
         assert!(e.to_string().contains("line 2") && e.to_string().contains("nobody"), "{e}");
         assert!(Placement::parse("* 0", 2, 8, &names).is_err());
+        let even = Placement::parse("* * w1,w2", 2, 7, &names).unwrap();
+        assert_eq!(even.experts_of(1).len(), 2 * 4);
+        assert_eq!(even.experts_of(2).len(), 2 * 3);
+        assert_eq!((even.owner(0, 3), even.owner(0, 4)), (1, 2));
     }
 
     #[test]
