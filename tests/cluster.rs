@@ -210,6 +210,6 @@ fn worker_is_discovered_by_mdns_in_a_network_namespace() {
         .expect("unshare (util-linux) must be installed");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "namespace run failed (is `unshare -rn` permitted here?): {stderr}");
-    let line = stderr.lines().find(|l| l.starts_with("worker nsworker")).unwrap_or_else(|| panic!("no worker in stats: {stderr}"));
+    let line = stderr.lines().find(|l| l.starts_with("worker nsworker ")).unwrap_or_else(|| panic!("no worker in stats: {stderr}"));
     assert!(!line.contains(" 0 experts") && !line.contains(" 0 round trips"), "{line}");
 }

@@ -1,44 +1,84 @@
-//! A quick measurement of this machine's quantized GEMV throughput, used to weigh nodes in
-//! expert placement: a Q4_K matrix of about 32 MiB times one activation row, repeated for a
-//! fixed time on the current rayon pool; the result is GB/s of weight bytes read.
+//! A quick measurement of this machine's quantized GEMV throughput: the figure expert placement
+//! weighs nodes by (workers report it in their hello and mDNS TXT; the coordinator measures its
+//! own).
+//!
+//! A Q4_K matrix of about [`PROBE_BYTES`] of random but valid blocks is multiplied with one
+//! activation row, repeatedly for at least [`PROBE_DURATION`], on the worker's compute pool; the
+//! result is weight bytes read per second, in GB/s (10^9 bytes per second).
 
 use std::time::{Duration, Instant};
 
 use crate::matmul::{QMatrix, QuantizedActivations, matmul};
-use crate::quant::GgmlType;
+use crate::quant::{GgmlType, VecDotType};
+use rand::Rng;
 
-/// Measures quantized GEMV throughput for about `budget`, in GB/s (10^9 bytes of weights per
-/// second). Runs on the current rayon pool.
-pub fn gemv_gbps(budget: Duration) -> f32 {
-    let (rows, cols) = (14_336usize, 2304usize);
+/// Size of the probe's weight matrix in bytes (about 32 MiB, larger than most caches).
+pub const PROBE_BYTES: usize = 32 << 20;
+
+/// How long the probe runs, at least.
+pub const PROBE_DURATION: Duration = Duration::from_millis(100);
+
+/// Columns (elements per row) of the probe matrix.
+const PROBE_COLS: usize = 4096;
+
+// Byte offsets in a Q4_K block (`block_q4_K`): f16 `d`, f16 `dmin`, 12 bytes of scales, 128 of quants.
+const Q4_K_D: usize = 0;
+const Q4_K_DMIN: usize = 2;
+
+/// Measures quantized GEMV throughput on the current rayon pool, in GB/s of weight bytes read.
+pub fn gemv_throughput() -> f64 {
     let ty = GgmlType::Q4_K;
-    let row_bytes = ty.row_bytes(cols).expect("2304 is a multiple of 256");
-    let mut data = vec![0u8; rows * row_bytes];
-    let mut seed = 0x9e37_79b9u32;
-    for (i, b) in data.iter_mut().enumerate() {
-        seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-        // Keep each block's f16 d/dmin (its first 4 bytes) small and finite.
-        *b = if i % 144 < 4 { if i % 2 == 1 { 0x1c } else { 0 } } else { (seed >> 24) as u8 };
-    }
-    let w = QMatrix::new(ty, rows, cols, &data);
-    let x: Vec<f32> = (0..cols).map(|i| ((i % 17) as f32 - 8.0) / 8.0).collect();
-    let xq = QuantizedActivations::quantize(ty.vec_dot_type(), &x, 1, cols);
+    let row_bytes = PROBE_COLS / ty.block_size() * ty.type_size();
+    let rows = (PROBE_BYTES / row_bytes).next_multiple_of(4);
+    let weights = random_q4_k_blocks(rows * row_bytes);
+    let matrix = QMatrix::new(ty, rows, PROBE_COLS, &weights);
+    let mut rng = rand::rng();
+    let x: Vec<f32> = (0..PROBE_COLS).map(|_| rng.random_range(-1.0..1.0)).collect();
     let mut out = vec![0.0f32; rows];
-    matmul(&w, &xq, &mut out);
-    let start = Instant::now();
-    let mut reps = 0u64;
-    while start.elapsed() < budget || reps == 0 {
-        matmul(&w, &xq, &mut out);
-        reps += 1;
+    let act = QuantizedActivations::quantize(VecDotType::Q8_K, &x, 1, PROBE_COLS);
+    matmul(&matrix, &act, &mut out);
+    let started = Instant::now();
+    let mut runs = 0u32;
+    while started.elapsed() < PROBE_DURATION {
+        matmul(&matrix, &act, &mut out);
+        runs += 1;
     }
-    (reps as f64 * data.len() as f64 / start.elapsed().as_secs_f64() / 1e9) as f32
+    (weights.len() as f64 * f64::from(runs)) / started.elapsed().as_secs_f64() / 1e9
+}
+
+/// `len` bytes of Q4_K blocks (`len` a multiple of the block size): random scales and quants,
+/// `d` and `dmin` finite positive f16 values between 2^-10 and 2^-3.
+fn random_q4_k_blocks(len: usize) -> Vec<u8> {
+    let mut rng = rand::rng();
+    let mut bytes = vec![0u8; len];
+    rng.fill(&mut bytes[..]);
+    for block in bytes.chunks_exact_mut(GgmlType::Q4_K.type_size()) {
+        for at in [Q4_K_D, Q4_K_DMIN] {
+            let exponent: u16 = rng.random_range(5..=12);
+            let bits = exponent << 10 | rng.random_range(0..1024u16);
+            block[at..at + 2].copy_from_slice(&bits.to_le_bytes());
+        }
+    }
+    bytes
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
-    fn gives_a_positive_finite_rate() {
-        let r = super::gemv_gbps(std::time::Duration::from_millis(20));
-        assert!(r.is_finite() && r > 0.0, "{r}");
+    fn probe_reports_a_positive_finite_rate() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().expect("pool");
+        let gbps = pool.install(gemv_throughput);
+        assert!(gbps.is_finite() && gbps > 0.0, "{gbps}");
+    }
+
+    #[test]
+    fn probe_blocks_dequantize_to_finite_values() {
+        let ty = GgmlType::Q4_K;
+        let blocks = random_q4_k_blocks(ty.type_size() * 64);
+        let mut out = vec![0.0f32; 64 * ty.block_size()];
+        ty.dequantize_row(&blocks, &mut out);
+        assert!(out.iter().all(|v| v.is_finite()));
     }
 }

@@ -8,7 +8,6 @@
 //!
 //! Modules, in the order a request meets them:
 //! - [`cli`]: command line and the settings derived from it;
-//! - [`probe`]: the start-up GEMV throughput measurement reported to coordinators;
 //! - [`announce`]: the mDNS announcement;
 //! - [`server`]: start-up, the accept loop and shutdown;
 //! - [`node`]: what all sessions share (identity, capabilities, store, compute pool);
@@ -23,7 +22,6 @@ pub mod cli;
 pub mod compute;
 pub mod connection;
 pub mod node;
-pub mod probe;
 pub mod server;
 pub mod store;
 

@@ -18,7 +18,6 @@ use crate::announce::Announcement;
 use crate::cli::Settings;
 use crate::connection::{self, CLOSED};
 use crate::node::Node;
-use crate::probe;
 use crate::store::BlobStore;
 
 /// Threads of the async runtime (QUIC I/O and sessions; compute runs on the rayon pool).
@@ -35,7 +34,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         .build()
         .context("cannot start the compute threads")?;
     let store = BlobStore::open(settings.cache_dir.clone(), settings.model.as_deref())?;
-    let gemv_gbps = probe::gemv_throughput(&pool);
+    let gemv_gbps = pool.install(moeshard_kernels::probe::gemv_throughput);
     let node = Arc::new(Node {
         node_id: Node::random_id(),
         name: settings.name,

@@ -32,6 +32,8 @@ pub struct WorkerLink {
     pub addr: SocketAddr,
     /// The worker's hello (node id, name, capabilities).
     pub hello: Hello,
+    /// Smallest of three control-stream ping round trips measured at connection.
+    pub rtt: Duration,
     conn: Connection,
     control: Mutex<(SendStream, RecvStream)>,
 }
@@ -53,7 +55,11 @@ impl WorkerLink {
         if hello.protocol != PROTOCOL_VERSION {
             bail!("worker {addr} speaks protocol {} and this coordinator {PROTOCOL_VERSION}", hello.protocol);
         }
-        Ok(WorkerLink { addr, hello, conn, control: Mutex::new((send, recv)) })
+        let mut link = WorkerLink { addr, hello, rtt: Duration::MAX, conn, control: Mutex::new((send, recv)) };
+        for _ in 0..3 {
+            link.rtt = link.rtt.min(link.ping().await?);
+        }
+        Ok(link)
     }
 
     /// The name to show and to use in placement files: the worker's `--name`.

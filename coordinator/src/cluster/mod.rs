@@ -93,7 +93,7 @@ impl Cluster {
         addrs.sort();
         addrs.dedup();
 
-        let local_gbps = moeshard_kernels::probe::gemv_gbps(Duration::from_millis(100));
+        let local_gbps = moeshard_kernels::probe::gemv_throughput() as f32;
         let hello = Hello {
             protocol: PROTOCOL_VERSION,
             node_id: format!("{:016x}", rand::random::<u64>()),
@@ -112,7 +112,16 @@ impl Cluster {
             for addr in addrs {
                 match WorkerLink::connect(&endpoint, addr, &opts.key, hello.clone()).await {
                     Ok(link) if links.iter().any(|l| l.hello.node_id == link.hello.node_id) => link.close(),
-                    Ok(link) => links.push(Arc::new(link)),
+                    Ok(link) => {
+                        tracing::info!(
+                            "worker {} at {addr}: ping {:?}, {:.1} GB/s GEMV, {} bytes budget",
+                            link.name(),
+                            link.rtt,
+                            link.capabilities().gemv_gbps,
+                            link.capabilities().mem_budget
+                        );
+                        links.push(Arc::new(link))
+                    }
                     Err(e) => tracing::warn!("{e:#}; not using it"),
                 }
             }
@@ -208,9 +217,11 @@ impl ClusterExperts {
             let per_token = if c.tokens > 0 { (c.bytes_out + c.bytes_in) as f64 / c.tokens as f64 } else { 0.0 };
             let _ = writeln!(
                 s,
-                "worker {} ({}): {} experts, {} weight bytes shipped, {} round trips, {} bytes out, {} bytes in, {:.0} bytes/token/layer, {} failures",
+                "worker {} ({}, ping {:.3} ms, {:.1} GB/s GEMV): {} experts, {} weight bytes shipped, {} round trips, {} bytes out, {} bytes in, {:.0} bytes/token/layer, {} failures",
                 link.name(),
                 link.addr,
+                link.rtt.as_secs_f64() * 1e3,
+                link.capabilities().gemv_gbps,
                 c.experts,
                 c.shipped_bytes,
                 c.round_trips,
