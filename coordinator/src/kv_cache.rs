@@ -139,6 +139,25 @@ impl KvCache {
         self.n_tokens = 0;
     }
 
+    /// Keeps the first `n` tokens and forgets the rest, when the cache still holds what the next
+    /// token at position `n` will attend to: a sliding-window layer keeps only its last
+    /// `capacity` positions, so going back further than its ring allows is refused (returns
+    /// false and leaves the cache unchanged). Used to reuse a cached prompt prefix.
+    pub fn truncate(&mut self, n: usize) -> bool {
+        if n >= self.n_tokens {
+            return n == self.n_tokens;
+        }
+        let len = self.n_tokens;
+        let fits = self.layers.iter().all(|l| match l.window {
+            Some(w) => (n + 1).saturating_sub(w) + l.capacity >= len,
+            None => true,
+        });
+        if fits {
+            self.n_tokens = n;
+        }
+        fits
+    }
+
     /// Checks that `n` more tokens fit.
     pub fn reserve(&self, n: usize) -> Result<(), KvError> {
         let needed = self.n_tokens + n;
@@ -178,5 +197,27 @@ impl KvCache {
             KvRows { ty: self.k_type.storage().0, row_elems: self.row_elems, data: &layer.k },
             KvRows { ty: self.v_type.storage().0, row_elems: self.row_elems, data: &layer.v },
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Model;
+
+    #[test]
+    fn truncate_respects_the_sliding_window_ring() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny-mellum-q8_0.gguf");
+        let model = Model::load(path).unwrap();
+        // Window 16, batches of 4: the sliding layers keep a ring of 20 positions.
+        let mut kv = KvCache::new(&model.config, 128, 4, KvType::F32, KvType::F32).unwrap();
+        kv.advance(40);
+        // Position 30 attends to 15..=30; the ring holds 20..40: refused, nothing changes.
+        assert!(!kv.truncate(30));
+        assert_eq!(kv.len(), 40);
+        // Position 36 attends to 21..=36, all still in the ring.
+        assert!(kv.truncate(36));
+        assert_eq!(kv.len(), 36);
+        assert!(kv.truncate(36) && !kv.truncate(37));
     }
 }

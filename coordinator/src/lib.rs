@@ -10,3 +10,4 @@ pub mod tokenizer;
 pub mod chat;
 pub mod cli;
 pub mod cluster;
+pub mod engine;

@@ -22,6 +22,8 @@ pub enum Logits {
     All,
     /// Only the last position (generation).
     Last,
+    /// None (a prompt chunk that is not the last).
+    None,
 }
 
 /// Errors of a forward pass.
@@ -48,6 +50,16 @@ pub enum ForwardError {
     },
 }
 
+/// One sequence's part of a multi-sequence batch: its KV cache and the tokens to append to it.
+pub struct SeqBatch<'a> {
+    /// The sequence's cache; its tokens go at positions `kv.len()..`.
+    pub kv: &'a mut KvCache,
+    /// Tokens to append (at least one).
+    pub tokens: &'a [u32],
+    /// Which of its positions need logits.
+    pub logits: Logits,
+}
+
 impl Model {
     /// Runs `tokens` (appended at positions `kv.len()..`) through the model in batches of at most
     /// `n_ubatch` tokens, updating `kv`. Returns the logits (`[n, n_vocab]` row-major) of the
@@ -62,40 +74,50 @@ impl Model {
         n_ubatch: usize,
         logits: Logits,
     ) -> Result<Vec<f32>, ForwardError> {
-        let n_vocab = self.config.n_vocab;
-        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= n_vocab) {
-            return Err(ForwardError::BadToken { id, n_vocab });
-        }
         kv.reserve(tokens.len())?;
         let mut out = Vec::new();
         let n_chunks = tokens.len().div_ceil(n_ubatch.max(1));
         for (i, chunk) in tokens.chunks(n_ubatch.max(1)).enumerate() {
             let want = match logits {
-                Logits::All => chunk.len(),
-                Logits::Last if i + 1 == n_chunks => 1,
-                Logits::Last => 0,
+                Logits::All => Logits::All,
+                Logits::Last if i + 1 == n_chunks => Logits::Last,
+                Logits::Last | Logits::None => Logits::None,
             };
-            out.extend(self.forward_ubatch(chunk, kv, experts, want)?);
+            let mut seq = [SeqBatch { kv: &mut *kv, tokens: chunk, logits: want }];
+            out.extend(self.forward_batch(&mut seq, experts)?.pop().unwrap_or_default());
         }
         Ok(out)
     }
 
-    /// One batch; returns logits of its last `n_logits` positions.
-    fn forward_ubatch(
-        &self,
-        tokens: &[u32],
-        kv: &mut KvCache,
-        experts: &dyn ExpertBackend,
-        n_logits: usize,
-    ) -> Result<Vec<f32>, ForwardError> {
+    /// One forward pass over the tokens of several sequences at once (continuous batching):
+    /// every weight matrix is read once for all of them and each MoE layer makes one call to
+    /// `experts` for the whole batch. Each sequence's tokens attend only to its own cache.
+    /// Returns, per sequence, the logits its `logits` selects (`[n, n_vocab]`; empty for
+    /// [`Logits::None`]). The results for a sequence do not depend on what else is in the batch.
+    ///
+    /// Runs on the current rayon pool; the caller bounds the batch size (`n_ubatch` of the caches).
+    pub fn forward_batch(&self, seqs: &mut [SeqBatch<'_>], experts: &dyn ExpertBackend) -> Result<Vec<Vec<f32>>, ForwardError> {
         let c = &self.config;
+        let n_vocab = c.n_vocab;
+        for seq in seqs.iter() {
+            if let Some(&id) = seq.tokens.iter().find(|&&t| t as usize >= n_vocab) {
+                return Err(ForwardError::BadToken { id, n_vocab });
+            }
+            seq.kv.reserve(seq.tokens.len())?;
+        }
+        // Row r of the batch: (sequence, position).
+        let rows: Vec<(usize, usize)> = seqs
+            .iter()
+            .enumerate()
+            .flat_map(|(s, seq)| (0..seq.tokens.len()).map(move |i| (s, seq.kv.len() + i)))
+            .collect();
+        let tokens: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
         let (n, n_embd, hd) = (tokens.len(), c.n_embd, c.head_dim);
         let (n_q, n_kv) = (c.n_head * hd, c.n_embd_kv());
-        let pos0 = kv.len();
 
         let mut x = vec![0.0f32; n * n_embd];
         let embd = self.matrix(&self.tok_embd);
-        for (row, &t) in x.chunks_exact_mut(n_embd).zip(tokens) {
+        for (row, &t) in x.chunks_exact_mut(n_embd).zip(&tokens) {
             self.tok_embd.ty.dequantize_row(embd.row(t as usize), row);
         }
 
@@ -116,11 +138,11 @@ impl Model {
             rms_norm_inplace(&mut q, &l.attn_q_norm, c.rms_eps);
             rms_norm_inplace(&mut k, &l.attn_k_norm, c.rms_eps);
             let rope = c.rope(il);
-            for t in 0..n {
-                rope.cos_sin(pos0 + t, &mut cos_sin);
+            for (t, &(s, pos)) in rows.iter().enumerate() {
+                rope.cos_sin(pos, &mut cos_sin);
                 rope.apply(&mut q[t * n_q..(t + 1) * n_q], hd, &cos_sin);
                 rope.apply(&mut k[t * n_kv..(t + 1) * n_kv], hd, &cos_sin);
-                kv.write(il, pos0 + t, &k[t * n_kv..(t + 1) * n_kv], &v[t * n_kv..(t + 1) * n_kv]);
+                seqs[s].kv.write(il, pos, &k[t * n_kv..(t + 1) * n_kv], &v[t * n_kv..(t + 1) * n_kv]);
             }
 
             let shape = AttentionShape {
@@ -129,12 +151,13 @@ impl Model {
                 head_dim: hd,
                 scale: 1.0 / (hd as f32).sqrt(),
             };
-            let (keys, values) = kv.rows(il);
-            let cache = &*kv;
-            attn.par_chunks_mut(n_q).zip(q.par_chunks(n_q)).enumerate().for_each_init(
+            let caches: Vec<&KvCache> = seqs.iter().map(|s| &*s.kv).collect();
+            attn.par_chunks_mut(n_q).zip(q.par_chunks(n_q)).zip(rows.par_iter()).for_each_init(
                 || (AttentionScratch::default(), Vec::new()),
-                |(scratch, slots), (t, (out, qt))| {
-                    cache.visible_slots(il, pos0 + t, slots);
+                |(scratch, slots), ((out, qt), &(s, pos))| {
+                    let cache = caches[s];
+                    let (keys, values) = cache.rows(il);
+                    cache.visible_slots(il, pos, slots);
                     attend(shape, qt, keys, values, slots, scratch, out);
                 },
             );
@@ -149,16 +172,36 @@ impl Model {
                 .map_err(|source| ForwardError::Experts { layer: il, source })?;
             x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
         }
-        kv.advance(n);
 
-        if n_logits == 0 {
-            return Ok(Vec::new());
+        // The rows whose logits are wanted, per sequence.
+        let mut wanted: Vec<std::ops::Range<usize>> = Vec::with_capacity(seqs.len());
+        let mut first = 0;
+        for seq in seqs.iter_mut() {
+            let len = seq.tokens.len();
+            seq.kv.advance(len);
+            wanted.push(match seq.logits {
+                Logits::All => first..first + len,
+                Logits::Last => first + len - 1..first + len,
+                Logits::None => first..first,
+            });
+            first += len;
         }
-        let tail = &x[(n - n_logits) * n_embd..];
-        let mut normed = vec![0.0f32; tail.len()];
-        rms_norm(tail, &self.output_norm, c.rms_eps, &mut normed);
-        let mut logits = vec![0.0f32; n_logits * c.n_vocab];
-        matmul_f32(&self.matrix(&self.output), &normed, n_logits, &mut logits);
-        Ok(logits)
+        let picked: Vec<usize> = wanted.iter().flat_map(|r| r.clone()).collect();
+        if picked.is_empty() {
+            return Ok(vec![Vec::new(); seqs.len()]);
+        }
+        let mut normed = vec![0.0f32; picked.len() * n_embd];
+        for (dst, &r) in normed.chunks_exact_mut(n_embd).zip(&picked) {
+            rms_norm(&x[r * n_embd..(r + 1) * n_embd], &self.output_norm, c.rms_eps, dst);
+        }
+        let mut logits = vec![0.0f32; picked.len() * n_vocab];
+        matmul_f32(&self.matrix(&self.output), &normed, picked.len(), &mut logits);
+        let mut out = Vec::with_capacity(seqs.len());
+        let mut at = 0;
+        for r in wanted {
+            out.push(logits[at * n_vocab..(at + r.len()) * n_vocab].to_vec());
+            at += r.len();
+        }
+        Ok(out)
     }
 }

@@ -19,7 +19,7 @@ use moeshard_kernels::quant::GgmlType;
 use crate::gguf::{GgufError, GgufFile, TensorInfo};
 
 pub use config::{Arch, ConfigError, ModelConfig};
-pub use forward::{ForwardError, Logits};
+pub use forward::{ForwardError, Logits, SeqBatch};
 
 /// Errors from loading a model.
 #[derive(Debug, thiserror::Error)]
