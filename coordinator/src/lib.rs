@@ -11,3 +11,4 @@ pub mod chat;
 pub mod cli;
 pub mod cluster;
 pub mod engine;
+pub mod serve;

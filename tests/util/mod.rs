@@ -162,3 +162,54 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// A `moeshard serve` process on loopback, killed on drop.
+pub struct Server {
+    child: std::process::Child,
+    /// Its base URL, `http://127.0.0.1:PORT`.
+    pub url: String,
+}
+
+impl Server {
+    /// Starts `moeshard serve -m MODEL --port 0 -ctk f32 -ctv f32 EXTRA...` and waits (at most
+    /// 60 s) for its `listening on http://ADDR` line.
+    pub fn start(model: &str, extra: &[&str]) -> Server {
+        use std::io::BufRead;
+        let path = model_path(model);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_moeshard"))
+            .arg("serve")
+            .arg("-m")
+            .arg(&path)
+            .args(["--port", "0", "-ctk", "f32", "-ctv", "f32", "-t", "2"])
+            .args(extra)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("spawn moeshard serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(url) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(url.trim().to_owned());
+                }
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(url) => Server { child, url },
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("moeshard serve did not report its address within 60 s");
+            }
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

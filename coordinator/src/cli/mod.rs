@@ -6,6 +6,7 @@
 mod load;
 mod run;
 mod score;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -27,6 +28,8 @@ enum Command {
     Run(run::RunArgs),
     /// Teacher-forced scoring of a text (like llama-perplexity over one sequence).
     Score(score::ScoreArgs),
+    /// Serve the model over HTTP: the OpenAI API, Ollama's API, /health and /metrics.
+    Serve(serve::ServeArgs),
 }
 
 /// Options shared by every command that loads a model.
@@ -111,6 +114,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Score(args) => score::score(args),
+        Command::Serve(args) => serve::serve(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
