@@ -21,12 +21,30 @@ fn run_json_logprobs_follow_the_greedy_reference() {
     let prompt = u32s(&g["prompt_tokens"]).iter().map(u32::to_string).collect::<Vec<_>>().join(",");
     let path = model_path("tiny-mellum-q8_0");
     let out = moeshard(
-        &["run", "-m", path.to_str().unwrap(), "--prompt-tokens", &prompt, "-n", "4", "--temp", "0", "--logprobs", "3", "--json", "-t", "1"],
+        &[
+            "run",
+            "-m",
+            path.to_str().unwrap(),
+            "--prompt-tokens",
+            &prompt,
+            "-n",
+            "4",
+            "--temp",
+            "0",
+            "--logprobs",
+            "3",
+            "--json",
+            "-t",
+            "1",
+        ],
         TIMEOUT,
     );
     assert!(out.status.success(), "{}", stderr(&out));
-    let lines: Vec<Value> =
-        String::from_utf8(out.stdout.clone()).unwrap().lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect();
+    let lines: Vec<Value> = String::from_utf8(out.stdout.clone())
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
     assert_eq!(lines.len(), 4);
     let steps = g["steps"].as_array().unwrap();
     for (line, step) in lines.iter().zip(steps) {
@@ -55,7 +73,24 @@ fn run_streams_text_and_same_seed_gives_same_output() {
 #[test]
 fn run_chat_renders_the_template() {
     let path = model_path("kq-mellum-q4_k_m");
-    let out = moeshard(&["run", "-m", path.to_str().unwrap(), "--chat", "hello", "-n", "3", "--temp", "0", "-ctk", "q8_0", "-ctv", "f32"], TIMEOUT);
+    let out = moeshard(
+        &[
+            "run",
+            "-m",
+            path.to_str().unwrap(),
+            "--chat",
+            "hello",
+            "-n",
+            "3",
+            "--temp",
+            "0",
+            "-ctk",
+            "q8_0",
+            "-ctv",
+            "f32",
+        ],
+        TIMEOUT,
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("prompt: "), "{}", stderr(&out));
 }
@@ -73,7 +108,20 @@ fn score_json_matches_the_teacher_forced_reference() {
     let text_file = temp_path("score.txt");
     std::fs::write(&text_file, &text).unwrap();
     let out = moeshard(
-        &["score", "-m", model_path(name).to_str().unwrap(), "--text-file", text_file.to_str().unwrap(), "--top", "5", "--json", "-ctk", "f32", "-ctv", "f32"],
+        &[
+            "score",
+            "-m",
+            model_path(name).to_str().unwrap(),
+            "--text-file",
+            text_file.to_str().unwrap(),
+            "--top",
+            "5",
+            "--json",
+            "-ctk",
+            "f32",
+            "-ctv",
+            "f32",
+        ],
         TIMEOUT,
     );
     std::fs::remove_file(&text_file).ok();

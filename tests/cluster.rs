@@ -71,7 +71,9 @@ fn distributed_equals_single_node(name: &str) {
     assert_eq!(cluster.experts.links().len(), 2);
     let recording = Arc::new(Recording { inner: cluster.experts.clone(), calls: Mutex::new(Vec::new()) });
 
-    let mut single = Session::new(model.clone(), Arc::new(LocalExperts::new(model.clone())), 2048, KvType::F32, KvType::F32).unwrap();
+    let mut single =
+        Session::new(model.clone(), Arc::new(LocalExperts::new(model.clone())), 2048, KvType::F32, KvType::F32)
+            .unwrap();
     let mut distributed = Session::new(model.clone(), recording.clone(), 2048, KvType::F32, KvType::F32).unwrap();
 
     let r = reference(name);
@@ -80,7 +82,8 @@ fn distributed_equals_single_node(name: &str) {
         let (t1, lp1) = greedy_run(&mut single, &prompt, 16);
         let (t2, lp2) = greedy_run(&mut distributed, &prompt, 16);
         assert_eq!(t1, t2, "{name} {}: greedy tokens differ between one machine and the cluster", g["name"]);
-        let max_diff = lp1.iter().flatten().zip(lp2.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        let max_diff =
+            lp1.iter().flatten().zip(lp2.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
         eprintln!("{name} {}: max |logprob difference| single vs cluster {max_diff:e}", g["name"]);
         assert!(max_diff <= 1e-5, "{name}: logprobs differ by {max_diff}");
     }
@@ -107,7 +110,11 @@ fn distributed_equals_single_node(name: &str) {
         assert_eq!(local.round_trips, expected[i]);
         assert_eq!(local.failures, 0);
         let per_token = (local.bytes_out + local.bytes_in) as f64 / local.tokens as f64;
-        eprintln!("{name}: worker {}: {} round trips, {per_token:.0} bytes per token per layer", link.name(), local.round_trips);
+        eprintln!(
+            "{name}: worker {}: {} round trips, {per_token:.0} bytes per token per layer",
+            link.name(),
+            local.round_trips
+        );
         assert!(per_token <= (n_embd * 6 + 512) as f64, "{per_token} bytes per token per layer");
     }
 }
@@ -210,6 +217,9 @@ fn worker_is_discovered_by_mdns_in_a_network_namespace() {
         .expect("unshare (util-linux) must be installed");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "namespace run failed (is `unshare -rn` permitted here?): {stderr}");
-    let line = stderr.lines().find(|l| l.starts_with("worker nsworker ")).unwrap_or_else(|| panic!("no worker in stats: {stderr}"));
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("worker nsworker "))
+        .unwrap_or_else(|| panic!("no worker in stats: {stderr}"));
     assert!(!line.contains(" 0 experts") && !line.contains(" 0 round trips"), "{line}");
 }

@@ -63,7 +63,8 @@ pub fn teacher_forced(name: &str, r: &serde_json::Value, bounds: &Bounds, s: &mu
         let scores = s.score(&tokens, 5).expect("score");
         let ref_top = tf["top5_per_position"].as_array().expect("top5");
         assert_eq!(scores.top.len(), ref_top.len());
-        let agree = scores.top.iter().zip(ref_top).filter(|(ours, theirs)| u64::from(ours[0].0) == theirs[0][0]).count();
+        let agree =
+            scores.top.iter().zip(ref_top).filter(|(ours, theirs)| u64::from(ours[0].0) == theirs[0][0]).count();
         let agreement = agree as f64 / ref_top.len() as f64;
         let ref_lp = f64s(&tf["next_token_logprobs"]);
         let diffs: Vec<f64> =
@@ -86,7 +87,8 @@ pub fn greedy(name: &str, r: &serde_json::Value, bounds: &Bounds, s: &mut Sessio
     for g in r["greedy"].as_array().expect("greedy") {
         let prompt = u32s(&g["prompt_tokens"]);
         let expected = u32s(&g["greedy_tokens"]);
-        let margins: Vec<f64> = g["steps"].as_array().expect("steps").iter().map(|st| st["margin"].as_f64().expect("margin")).collect();
+        let margins: Vec<f64> =
+            g["steps"].as_array().expect("steps").iter().map(|st| st["margin"].as_f64().expect("margin")).collect();
         let must_match = margins.iter().position(|&m| m < bounds.greedy_margin).unwrap_or(expected.len());
         s.clear();
         let mut logits = s.eval(&prompt, Logits::Last).expect("prompt");

@@ -40,13 +40,7 @@ impl ExpertBackend for LocalExperts {
         if let Some(r) = routes.iter().find(|r| r.expert as usize >= n_expert) {
             anyhow::bail!("route to expert {} of a layer with {n_expert} experts", r.expert);
         }
-        grouped_expert_ffn(
-            |e| self.model.expert_ffn(layer, e as usize),
-            hidden,
-            self.model.config.n_embd,
-            routes,
-            out,
-        );
+        grouped_expert_ffn(|e| self.model.expert_ffn(layer, e as usize), hidden, self.model.config.n_embd, routes, out);
         Ok(())
     }
 }

@@ -1,14 +1,14 @@
 //! The moeshard coordinator library: model files, architectures, the forward pass, tokenization,
 //! chat templates and sampling, used by the `moeshard` binary.
 
-pub mod gguf;
-pub mod experts;
-pub mod kv_cache;
-pub mod model;
-pub mod session;
-pub mod tokenizer;
 pub mod chat;
 pub mod cli;
 pub mod cluster;
 pub mod engine;
+pub mod experts;
+pub mod gguf;
+pub mod kv_cache;
+pub mod model;
 pub mod serve;
+pub mod session;
+pub mod tokenizer;

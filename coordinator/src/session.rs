@@ -99,7 +99,8 @@ impl Session {
                 pos += 1;
             }
         }
-        let mean = next_token_logprobs.iter().map(|&v| f64::from(v)).sum::<f64>() / next_token_logprobs.len().max(1) as f64;
+        let mean =
+            next_token_logprobs.iter().map(|&v| f64::from(v)).sum::<f64>() / next_token_logprobs.len().max(1) as f64;
         Ok(Scores { tokens: tokens.to_vec(), next_token_logprobs, top, perplexity: (-mean).exp() })
     }
 }

@@ -129,7 +129,9 @@ mod tests {
             let kvh = h / 2;
             let s: Vec<f64> = slots
                 .iter()
-                .map(|&t| (0..3).map(|d| f64::from(q[h * 3 + d]) * f64::from(k[t * 6 + kvh * 3 + d])).sum::<f64>() * 0.5)
+                .map(|&t| {
+                    (0..3).map(|d| f64::from(q[h * 3 + d]) * f64::from(k[t * 6 + kvh * 3 + d])).sum::<f64>() * 0.5
+                })
                 .collect();
             let m = s.iter().copied().fold(f64::MIN, f64::max);
             let z: f64 = s.iter().map(|x| (x - m).exp()).sum();

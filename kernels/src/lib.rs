@@ -4,11 +4,11 @@
 //! (see [`quant`]), f32 activations laid out row-major as `[n_tokens, n_embd]`. No file formats,
 //! no networking. Each kernel has a plain reference implementation in its tests.
 
-pub mod quant;
 pub mod attention;
 pub mod matmul;
 pub mod moe;
 pub mod norm;
+pub mod probe;
+pub mod quant;
 pub mod rope;
 pub mod sampling;
-pub mod probe;

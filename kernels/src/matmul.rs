@@ -39,23 +39,11 @@ impl<'a> QMatrix<'a> {
     /// Wraps `data` as a `[rows, cols]` matrix of type `ty`. Panics when `cols` is not a multiple
     /// of the block size or `data.len() != rows * ty.row_bytes(cols)`.
     pub fn new(ty: GgmlType, rows: usize, cols: usize, data: &'a [u8]) -> Self {
-        let row_bytes = ty.row_bytes(cols).unwrap_or_else(|| {
-            panic!(
-                "{ty}: {cols} columns is not a multiple of the block size {}",
-                ty.block_size()
-            )
-        });
-        assert_eq!(
-            data.len(),
-            rows * row_bytes,
-            "{ty} [{rows}, {cols}] matrix: data length"
-        );
-        Self {
-            ty,
-            rows,
-            cols,
-            data,
-        }
+        let row_bytes = ty
+            .row_bytes(cols)
+            .unwrap_or_else(|| panic!("{ty}: {cols} columns is not a multiple of the block size {}", ty.block_size()));
+        assert_eq!(data.len(), rows * row_bytes, "{ty} [{rows}, {cols}] matrix: data length");
+        Self { ty, rows, cols, data }
     }
 
     /// Bytes per row: `cols / ty.block_size() * ty.type_size()`.
@@ -90,11 +78,7 @@ impl QuantizedActivations {
     /// [`VecDotType::quantize_row`], in parallel on the current rayon pool. Panics when
     /// `x.len() != n_rows * cols` or `cols` is not a multiple of the block size.
     pub fn quantize(ty: VecDotType, x: &[f32], n_rows: usize, cols: usize) -> Self {
-        assert_eq!(
-            x.len(),
-            n_rows * cols,
-            "activations: expected [{n_rows}, {cols}]"
-        );
+        assert_eq!(x.len(), n_rows * cols, "activations: expected [{n_rows}, {cols}]");
         assert!(
             cols.is_multiple_of(ty.block_size()),
             "{ty:?}: {cols} columns is not a multiple of the block size {}",
@@ -103,16 +87,9 @@ impl QuantizedActivations {
         let row_bytes = ty.row_bytes(cols);
         let mut data = vec![0u8; n_rows * row_bytes];
         if row_bytes > 0 {
-            data.par_chunks_mut(row_bytes)
-                .zip(x.par_chunks(cols))
-                .for_each(|(dst, x)| ty.quantize_row(x, dst));
+            data.par_chunks_mut(row_bytes).zip(x.par_chunks(cols)).for_each(|(dst, x)| ty.quantize_row(x, dst));
         }
-        Self {
-            ty,
-            n_rows,
-            cols,
-            data,
-        }
+        Self { ty, n_rows, cols, data }
     }
 
     /// Row `i` (`ty.row_bytes(cols)` bytes). Panics when `i >= n_rows`.
@@ -126,9 +103,7 @@ impl QuantizedActivations {
 /// Weight rows per work item for a matrix of `rows` rows on the current pool.
 fn rows_per_chunk(rows: usize) -> usize {
     let items = rayon::current_num_threads().max(1) * CHUNKS_PER_THREAD;
-    rows.div_ceil(items)
-        .next_multiple_of(ROW_ALIGN)
-        .clamp(ROW_ALIGN, MAX_ROWS_PER_CHUNK)
+    rows.div_ceil(items).next_multiple_of(ROW_ALIGN).clamp(ROW_ALIGN, MAX_ROWS_PER_CHUNK)
 }
 
 /// `out = x · wᵀ`: out is `[x.n_rows, w.rows]` row-major, `out[t * w.rows + r] = dot(w.row(r),
@@ -137,26 +112,11 @@ fn rows_per_chunk(rows: usize) -> usize {
 /// Runs on the current rayon pool. Panics when `x.ty != w.ty.vec_dot_type()`, `x.cols != w.cols`
 /// or `out.len() != x.n_rows * w.rows`.
 pub fn matmul(w: &QMatrix, x: &QuantizedActivations, out: &mut [f32]) {
-    assert_eq!(
-        x.ty,
-        w.ty.vec_dot_type(),
-        "activations are not in {}'s vec_dot type",
-        w.ty
-    );
+    assert_eq!(x.ty, w.ty.vec_dot_type(), "activations are not in {}'s vec_dot type", w.ty);
     assert_eq!(x.cols, w.cols, "activation and weight columns differ");
-    assert_eq!(
-        out.len(),
-        x.n_rows * w.rows,
-        "out must be [{}, {}]",
-        x.n_rows,
-        w.rows
-    );
+    assert_eq!(out.len(), x.n_rows * w.rows, "out must be [{}, {}]", x.n_rows, w.rows);
     assert_eq!(w.data.len(), w.rows * w.row_bytes(), "weight data length");
-    assert_eq!(
-        x.data.len(),
-        x.n_rows * x.ty.row_bytes(x.cols),
-        "activation data length"
-    );
+    assert_eq!(x.data.len(), x.n_rows * x.ty.row_bytes(x.cols), "activation data length");
     if out.is_empty() {
         return;
     }
@@ -176,31 +136,20 @@ pub fn matmul(w: &QMatrix, x: &QuantizedActivations, out: &mut [f32]) {
         }
     };
     if n == 1 {
-        out.par_chunks_mut(chunk)
-            .enumerate()
-            .for_each(|(c, dst)| compute(c, dst));
+        out.par_chunks_mut(chunk).enumerate().for_each(|(c, dst)| compute(c, dst));
         return;
     }
     // Several activation rows: a chunk's results are strided in `out`, so they go to a
     // chunk-contiguous scratch first and are copied row by row afterwards.
     let mut scratch = vec![0f32; out.len()];
-    scratch
-        .par_chunks_mut(chunk * n)
-        .enumerate()
-        .for_each(|(c, dst)| compute(c, dst));
-    out.par_chunks_mut(w.rows)
-        .enumerate()
-        .for_each(|(t, out_t)| {
-            for (c, (out_c, part)) in out_t
-                .chunks_mut(chunk)
-                .zip(scratch.chunks(chunk * n))
-                .enumerate()
-            {
-                let nr = out_c.len();
-                debug_assert_eq!(part.len(), nr * n, "chunk {c}");
-                out_c.copy_from_slice(&part[t * nr..(t + 1) * nr]);
-            }
-        });
+    scratch.par_chunks_mut(chunk * n).enumerate().for_each(|(c, dst)| compute(c, dst));
+    out.par_chunks_mut(w.rows).enumerate().for_each(|(t, out_t)| {
+        for (c, (out_c, part)) in out_t.chunks_mut(chunk).zip(scratch.chunks(chunk * n)).enumerate() {
+            let nr = out_c.len();
+            debug_assert_eq!(part.len(), nr * n, "chunk {c}");
+            out_c.copy_from_slice(&part[t * nr..(t + 1) * nr]);
+        }
+    });
 }
 
 /// Convenience: quantizes `x` (`[n_rows, w.cols]` f32, row-major) to `w.ty.vec_dot_type()` with
@@ -218,20 +167,11 @@ mod tests {
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
-    const TYPES: [GgmlType; 6] = [
-        GgmlType::F32,
-        GgmlType::F16,
-        GgmlType::BF16,
-        GgmlType::Q8_0,
-        GgmlType::Q4_1,
-        GgmlType::Q5_0,
-    ];
+    const TYPES: [GgmlType; 6] =
+        [GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0, GgmlType::Q4_1, GgmlType::Q5_0];
 
     fn pool(threads: usize) -> rayon::ThreadPool {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .expect("thread pool")
+        rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("thread pool")
     }
 
     fn random_f32s(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
@@ -251,19 +191,14 @@ mod tests {
                     let w = QMatrix::new(ty, rows, cols, &data);
                     for n_rows in [1, 3, 17] {
                         let xf = random_f32s(&mut rng, n_rows * cols);
-                        let x =
-                            QuantizedActivations::quantize(ty.vec_dot_type(), &xf, n_rows, cols);
+                        let x = QuantizedActivations::quantize(ty.vec_dot_type(), &xf, n_rows, cols);
                         let mut out = vec![f32::NAN; n_rows * rows];
                         pool.install(|| matmul(&w, &x, &mut out));
                         for t in 0..n_rows {
                             for r in 0..rows {
                                 let want = vec_dot(ty, w.row(r), x.row(t), cols);
                                 let got = out[t * rows + r];
-                                assert_eq!(
-                                    got.to_bits(),
-                                    want.to_bits(),
-                                    "{ty} [{rows},{cols}] t={t} r={r}"
-                                );
+                                assert_eq!(got.to_bits(), want.to_bits(), "{ty} [{rows},{cols}] t={t} r={r}");
                             }
                         }
 
@@ -289,10 +224,7 @@ mod tests {
         for t in 0..n_rows {
             for r in 0..rows {
                 let (wr, xr) = (&wf[r * cols..][..cols], &xf[t * cols..][..cols]);
-                let prods = wr
-                    .iter()
-                    .zip(xr)
-                    .map(|(&a, &b)| f64::from(a) * f64::from(b));
+                let prods = wr.iter().zip(xr).map(|(&a, &b)| f64::from(a) * f64::from(b));
                 let exact: f64 = prods.clone().sum();
                 let abs: f64 = prods.map(f64::abs).sum();
                 // f32 accumulation of 300 products in 16 lanes: far below 1e-5 of sum |products|.

@@ -154,7 +154,9 @@ impl std::fmt::Display for MoeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             MoeError::MissingActivations(ty) => write!(f, "the batch carries no {ty:?} activations"),
-            MoeError::TokenOutOfRange { token, n_tokens } => write!(f, "route to token {token} of a {n_tokens}-token batch"),
+            MoeError::TokenOutOfRange { token, n_tokens } => {
+                write!(f, "route to token {token} of a {n_tokens}-token batch")
+            }
         }
     }
 }

@@ -89,7 +89,13 @@ impl Rope {
 /// The pair indices `[low, high]` between which YaRN blends interpolated and extrapolated
 /// frequencies (`ggml_rope_yarn_corr_dims`): the dimension whose wavelength makes `beta`
 /// rotations over the original context, floored / ceiled and clamped to `[0, n_dims - 1]`.
-pub fn yarn_corr_dims(n_dims: usize, original_context: u32, freq_base: f32, beta_fast: f32, beta_slow: f32) -> [f32; 2] {
+pub fn yarn_corr_dims(
+    n_dims: usize,
+    original_context: u32,
+    freq_base: f32,
+    beta_fast: f32,
+    beta_slow: f32,
+) -> [f32; 2] {
     let corr_dim = |beta: f32| {
         n_dims as f32 * (original_context as f32 / (beta * 2.0 * std::f32::consts::PI)).ln() / (2.0 * freq_base.ln())
     };

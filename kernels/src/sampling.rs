@@ -95,9 +95,7 @@ impl Default for SamplingParams {
 impl SamplingParams {
     fn penalties_enabled(&self) -> bool {
         self.repeat_last_n > 0
-            && (self.repeat_penalty != 1.0
-                || self.frequency_penalty != 0.0
-                || self.presence_penalty != 0.0)
+            && (self.repeat_penalty != 1.0 || self.frequency_penalty != 0.0 || self.presence_penalty != 0.0)
     }
 
     fn is_greedy(&self) -> bool {
@@ -115,9 +113,7 @@ struct Candidate {
 
 impl Ord for Candidate {
     fn cmp(&self, other: &Self) -> Ordering {
-        self.logit
-            .total_cmp(&other.logit)
-            .then_with(|| other.id.cmp(&self.id))
+        self.logit.total_cmp(&other.logit).then_with(|| other.id.cmp(&self.id))
     }
 }
 
@@ -156,12 +152,7 @@ pub struct Sampler {
 impl Sampler {
     /// A sampler with `params`, its generator seeded from `params.seed`.
     pub fn new(params: SamplingParams) -> Self {
-        Self {
-            params,
-            rng: ChaCha20Rng::seed_from_u64(params.seed),
-            candidates: Vec::new(),
-            window: Vec::new(),
-        }
+        Self { params, rng: ChaCha20Rng::seed_from_u64(params.seed), candidates: Vec::new(), window: Vec::new() }
     }
 
     /// Picks the next token from `logits` (one per vocabulary entry) given `history`, the prompt
@@ -179,19 +170,15 @@ impl Sampler {
         }
 
         self.candidates.clear();
-        self.candidates
-            .extend(logits.iter().enumerate().map(|(i, &l)| Candidate {
-                id: i as u32,
-                logit: if l.is_nan() { f32::NEG_INFINITY } else { l },
-            }));
+        self.candidates.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| Candidate { id: i as u32, logit: if l.is_nan() { f32::NEG_INFINITY } else { l } }),
+        );
         if params.penalties_enabled() {
             let start = history.len().saturating_sub(params.repeat_last_n);
-            apply_penalties(
-                &mut self.candidates,
-                &history[start..],
-                &mut self.window,
-                &params,
-            );
+            apply_penalties(&mut self.candidates, &history[start..], &mut self.window, &params);
         }
         if params.is_greedy() {
             return first_max(self.candidates.iter().map(|c| (c.id, c.logit)));
@@ -219,12 +206,7 @@ impl Sampler {
 
 /// Penalises the candidates (in id order, `candidates[id].id == id`) of the tokens in `window`.
 /// `counts` is scratch space.
-fn apply_penalties(
-    candidates: &mut [Candidate],
-    window: &[u32],
-    counts: &mut Vec<u32>,
-    params: &SamplingParams,
-) {
+fn apply_penalties(candidates: &mut [Candidate], window: &[u32], counts: &mut Vec<u32>, params: &SamplingParams) {
     counts.clear();
     counts.extend_from_slice(window);
     counts.sort_unstable();
@@ -264,10 +246,7 @@ fn apply_top_p(candidates: &mut Vec<Candidate>, p: f32, sorted: bool) {
         m
     };
     let max = candidates[0].logit;
-    let total: f64 = candidates
-        .iter()
-        .map(|c| f64::from((c.logit - max).exp()))
-        .sum();
+    let total: f64 = candidates.iter().map(|c| f64::from((c.logit - max).exp())).sum();
     let target = f64::from(p) * total;
     let mut cumulative = 0.0;
     let mut keep = n;
@@ -304,13 +283,8 @@ fn apply_min_p(candidates: &mut Vec<Candidate>, min_p: f32) {
 /// candidate whose running mass exceeds `u` times the total. Overwrites the logits with the
 /// unnormalised probabilities.
 fn draw(candidates: &mut [Candidate], sorted: bool, u: f64) -> u32 {
-    let max = if sorted {
-        candidates[0].logit
-    } else {
-        candidates
-            .iter()
-            .fold(f32::NEG_INFINITY, |m, c| m.max(c.logit))
-    };
+    let max =
+        if sorted { candidates[0].logit } else { candidates.iter().fold(f32::NEG_INFINITY, |m, c| m.max(c.logit)) };
     if !max.is_finite() {
         return first_max(candidates.iter().map(|c| (c.id, c.logit)));
     }
@@ -340,11 +314,7 @@ fn first_max(mut items: impl Iterator<Item = (u32, f32)>) -> u32 {
     let Some((mut best, first)) = items.next() else {
         return 0;
     };
-    let mut best_value = if first.is_nan() {
-        f32::NEG_INFINITY
-    } else {
-        first
-    };
+    let mut best_value = if first.is_nan() { f32::NEG_INFINITY } else { first };
     for (id, value) in items {
         if value > best_value {
             best = id;
@@ -375,10 +345,7 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
     let max = f64::from(logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l)));
     let sum: f64 = logits.iter().map(|&l| (f64::from(l) - max).exp()).sum();
     let log_norm = max + sum.ln();
-    logits
-        .iter()
-        .map(|&l| (f64::from(l) - log_norm) as f32)
-        .collect()
+    logits.iter().map(|&l| (f64::from(l) - log_norm) as f32).collect()
 }
 
 /// The `k` largest entries of `logprobs` as `(id, value)`, largest first, equal values by lower
@@ -393,24 +360,15 @@ pub fn top_logprobs(logprobs: &[f32], k: usize) -> Vec<(u32, f32)> {
         if logit.is_nan() {
             continue;
         }
-        let c = Candidate {
-            id: i as u32,
-            logit,
-        };
+        let c = Candidate { id: i as u32, logit };
         if heap.len() < k {
             heap.push(Reverse(c));
-        } else if heap
-            .peek()
-            .is_some_and(|worst: &Reverse<Candidate>| c > worst.0)
-        {
+        } else if heap.peek().is_some_and(|worst: &Reverse<Candidate>| c > worst.0) {
             heap.pop();
             heap.push(Reverse(c));
         }
     }
-    heap.into_sorted_vec()
-        .into_iter()
-        .map(|Reverse(c)| (c.id, c.logit))
-        .collect()
+    heap.into_sorted_vec().into_iter().map(|Reverse(c)| (c.id, c.logit)).collect()
 }
 
 #[cfg(test)]
@@ -432,20 +390,11 @@ mod tests {
     }
 
     fn random_logits(rng: &mut ChaCha20Rng, n: usize, scale: f32) -> Vec<f32> {
-        (0..n)
-            .map(|_| (rng.random::<f32>() - 0.5) * scale)
-            .collect()
+        (0..n).map(|_| (rng.random::<f32>() - 0.5) * scale).collect()
     }
 
     fn candidates(logits: &[f32]) -> Vec<Candidate> {
-        logits
-            .iter()
-            .enumerate()
-            .map(|(i, &logit)| Candidate {
-                id: i as u32,
-                logit,
-            })
-            .collect()
+        logits.iter().enumerate().map(|(i, &logit)| Candidate { id: i as u32, logit }).collect()
     }
 
     fn ids(candidates: &[Candidate]) -> Vec<u32> {
@@ -453,9 +402,7 @@ mod tests {
     }
 
     fn softmax_f64(logits: &[f32]) -> Vec<f64> {
-        let max = logits
-            .iter()
-            .fold(f64::NEG_INFINITY, |m, &l| m.max(l.into()));
+        let max = logits.iter().fold(f64::NEG_INFINITY, |m, &l| m.max(l.into()));
         let e: Vec<f64> = logits.iter().map(|&l| (f64::from(l) - max).exp()).collect();
         let s: f64 = e.iter().sum();
         e.iter().map(|x| x / s).collect()
@@ -473,10 +420,7 @@ mod tests {
     fn greedy_picks_argmax() {
         let mut rng = ChaCha20Rng::seed_from_u64(1);
         for temperature in [0.0, -1.0, f32::NAN] {
-            let mut s = Sampler::new(SamplingParams {
-                temperature,
-                ..SamplingParams::default()
-            });
+            let mut s = Sampler::new(SamplingParams { temperature, ..SamplingParams::default() });
             for _ in 0..20 {
                 let logits = random_logits(&mut rng, 1000, 20.0);
                 assert_eq!(s.sample(&logits, &[]), argmax(&logits));
@@ -508,16 +452,7 @@ mod tests {
         };
         let a = sequence(params, 100);
         assert_eq!(a, sequence(params, 100));
-        assert_ne!(
-            a,
-            sequence(
-                SamplingParams {
-                    seed: params.seed + 1,
-                    ..params
-                },
-                100
-            )
-        );
+        assert_ne!(a, sequence(SamplingParams { seed: params.seed + 1, ..params }, 100));
         let defaults = SamplingParams::default();
         assert_eq!(sequence(defaults, 100), sequence(defaults, 100));
     }
@@ -547,11 +482,7 @@ mod tests {
         let mut c = candidates(&logits);
         apply_top_k(&mut c, 3);
         assert_eq!(ids(&c), [1, 3, 4]);
-        let mut s = Sampler::new(SamplingParams {
-            temperature: 100.0,
-            top_k: 3,
-            ..off()
-        });
+        let mut s = Sampler::new(SamplingParams { temperature: 100.0, top_k: 3, ..off() });
         let mut seen = [0usize; 6];
         for _ in 0..3000 {
             seen[s.sample(&logits, &[]) as usize] += 1;
@@ -627,10 +558,7 @@ mod tests {
         assert_eq!(keep(2.0), [1]);
         assert_eq!(keep(0.01), [0, 1, 2, 3, 4, 5]);
 
-        let mut s = Sampler::new(SamplingParams {
-            min_p: 0.19,
-            ..off()
-        });
+        let mut s = Sampler::new(SamplingParams { min_p: 0.19, ..off() });
         let mut seen = [0usize; 6];
         for _ in 0..4000 {
             seen[s.sample(&logits, &[]) as usize] += 1;
@@ -642,64 +570,26 @@ mod tests {
     #[test]
     fn penalties() {
         let greedy = |params: SamplingParams, logits: &[f32], history: &[u32]| {
-            Sampler::new(SamplingParams {
-                temperature: 0.0,
-                ..params
-            })
-            .sample(logits, history)
+            Sampler::new(SamplingParams { temperature: 0.0, ..params }).sample(logits, history)
         };
         let logits = [2.0, 1.8, -1.0];
         assert_eq!(greedy(off(), &logits, &[0]), 0);
-        let repeat = SamplingParams {
-            repeat_penalty: 1.2,
-            ..off()
-        };
+        let repeat = SamplingParams { repeat_penalty: 1.2, ..off() };
         assert_eq!(greedy(repeat, &logits, &[0, 7]), 1);
-        assert_eq!(
-            greedy(
-                SamplingParams {
-                    repeat_last_n: 2,
-                    ..repeat
-                },
-                &logits,
-                &[0, 1, 1]
-            ),
-            0
-        );
-        assert_eq!(
-            greedy(
-                SamplingParams {
-                    repeat_last_n: 0,
-                    ..repeat
-                },
-                &logits,
-                &[0]
-            ),
-            0
-        );
+        assert_eq!(greedy(SamplingParams { repeat_last_n: 2, ..repeat }, &logits, &[0, 1, 1]), 0);
+        assert_eq!(greedy(SamplingParams { repeat_last_n: 0, ..repeat }, &logits, &[0]), 0);
 
         let mut c = candidates(&[2.0, -1.0, 0.5, 0.5]);
-        let params = SamplingParams {
-            repeat_penalty: 2.0,
-            frequency_penalty: 0.25,
-            presence_penalty: 0.125,
-            ..off()
-        };
+        let params = SamplingParams { repeat_penalty: 2.0, frequency_penalty: 0.25, presence_penalty: 0.125, ..off() };
         apply_penalties(&mut c, &[1, 0, 1, 2, 1, 99], &mut Vec::new(), &params);
         let got: Vec<f32> = c.iter().map(|c| c.logit).collect();
         assert_eq!(got, [1.0 - 0.375, -2.0 - 0.875, 0.25 - 0.375, 0.5]);
 
         let logits = [1.0, 0.9];
-        let frequency = SamplingParams {
-            frequency_penalty: 0.04,
-            ..off()
-        };
+        let frequency = SamplingParams { frequency_penalty: 0.04, ..off() };
         assert_eq!(greedy(frequency, &logits, &[0]), 0);
         assert_eq!(greedy(frequency, &logits, &[0, 0, 0]), 1);
-        let presence = SamplingParams {
-            presence_penalty: 0.2,
-            ..off()
-        };
+        let presence = SamplingParams { presence_penalty: 0.2, ..off() };
         assert_eq!(greedy(presence, &logits, &[0]), 1);
     }
 
@@ -707,11 +597,7 @@ mod tests {
     fn empirical_frequencies_match_softmax() {
         let logits = [1.0, 0.5, 0.0, -1.0];
         for (seed, temperature) in [(11, 1.0), (12, 0.5)] {
-            let mut s = Sampler::new(SamplingParams {
-                temperature,
-                seed,
-                ..off()
-            });
+            let mut s = Sampler::new(SamplingParams { temperature, seed, ..off() });
             let mut counts = [0usize; 4];
             let draws = 20_000;
             for _ in 0..draws {
@@ -757,15 +643,10 @@ mod tests {
         // Below -8 one f32 ulp exceeds 1e-6: there the bound is the f32 rounding of the f64 value.
         let mut vocab = random_logits(&mut rng, 100_000, 40.0);
         vocab[17] = f32::NEG_INFINITY;
-        check(&vocab, &|want| {
-            1e-6f64.max(want.abs() * f64::from(f32::EPSILON))
-        });
+        check(&vocab, &|want| 1e-6f64.max(want.abs() * f64::from(f32::EPSILON)));
 
         let shifted: Vec<f32> = [1.0f32, 2.0, 3.0].iter().map(|l| l + 1000.0).collect();
-        for (a, b) in log_softmax(&shifted)
-            .iter()
-            .zip(log_softmax(&[1.0, 2.0, 3.0]))
-        {
+        for (a, b) in log_softmax(&shifted).iter().zip(log_softmax(&[1.0, 2.0, 3.0])) {
             assert!((a - b).abs() < 1e-6);
         }
         assert!(log_softmax(&[]).is_empty());
@@ -775,10 +656,7 @@ mod tests {
     fn top_logprobs_order_and_ties() {
         let lp = [-1.0, -0.5, -0.5, -3.0, -0.1, f32::NAN, -0.5];
         assert_eq!(top_logprobs(&lp, 3), [(4, -0.1), (1, -0.5), (2, -0.5)]);
-        assert_eq!(
-            top_logprobs(&lp, 5),
-            [(4, -0.1), (1, -0.5), (2, -0.5), (6, -0.5), (0, -1.0)]
-        );
+        assert_eq!(top_logprobs(&lp, 5), [(4, -0.1), (1, -0.5), (2, -0.5), (6, -0.5), (0, -1.0)]);
         assert_eq!(top_logprobs(&lp, 100).len(), 6);
         assert!(top_logprobs(&lp, 0).is_empty());
         assert!(top_logprobs(&[], 4).is_empty());

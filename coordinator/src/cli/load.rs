@@ -8,13 +8,13 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::{ClusterArgs, ModelArgs};
-use moeshard_protocol::auth::ClusterKey;
 use crate::cluster::{Cluster, ClusterExperts, ClusterOptions};
 use crate::experts::{ExpertBackend, LocalExperts};
 use crate::gguf::GgufFile;
 use crate::model::Model;
 use crate::session::Session;
 use crate::tokenizer::Tokenizer;
+use moeshard_protocol::auth::ClusterKey;
 
 /// Default context size when `-c` is not given.
 const DEFAULT_CTX: usize = 4096;

@@ -70,8 +70,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let prompt: Vec<u32> = match (&args.prompt, &args.chat, &args.prompt_tokens) {
         (Some(p), _, _) => tok.encode(p, true)?,
         (_, Some(msg), _) => {
-            let template = ChatTemplate::from_gguf(&loaded.gguf)?
-                .with_context(|| format!("{}: the model has no chat template (tokenizer.chat_template)", loaded.gguf.path().display()))?;
+            let template = ChatTemplate::from_gguf(&loaded.gguf)?.with_context(|| {
+                format!("{}: the model has no chat template (tokenizer.chat_template)", loaded.gguf.path().display())
+            })?;
             let messages = json!([{ "role": "user", "content": msg }]);
             let text = template.render(&messages, None, true, &serde_json::Map::new())?;
             tok.encode(&text, true)?

@@ -47,7 +47,16 @@ impl ClusterExperts {
         deadline: Duration,
     ) -> Self {
         let lost = links.iter().map(|_| AtomicBool::new(false)).collect();
-        ClusterExperts { model, placement: RwLock::new(placement), links, stats, lost, runtime, step: AtomicU64::new(0), deadline }
+        ClusterExperts {
+            model,
+            placement: RwLock::new(placement),
+            links,
+            stats,
+            lost,
+            runtime,
+            step: AtomicU64::new(0),
+            deadline,
+        }
     }
 
     /// The workers, in node order (node `i + 1` is element `i`).
@@ -65,7 +74,13 @@ impl ClusterExperts {
         &self.runtime
     }
 
-    fn compute_local(&self, layer: usize, inputs: &QuantizedInputs, routes: &[Route], out: &mut [f32]) -> anyhow::Result<()> {
+    fn compute_local(
+        &self,
+        layer: usize,
+        inputs: &QuantizedInputs,
+        routes: &[Route],
+        out: &mut [f32],
+    ) -> anyhow::Result<()> {
         grouped_expert_ffn_quantized(|e| self.model.expert_ffn(layer, e as usize), inputs, routes, out)
             .map_err(|e| anyhow::anyhow!("local experts of layer {layer}: {e}"))
     }
@@ -94,7 +109,11 @@ impl ExpertBackend for ClusterExperts {
             let placement = self.placement.read().unwrap_or_else(|e| e.into_inner());
             for r in routes {
                 let node = placement.owner(layer, r.expert as usize);
-                let share = shares.entry(node).or_insert_with(|| NodeShare { tokens: Vec::new(), routes: Vec::new(), global: Vec::new() });
+                let share = shares.entry(node).or_insert_with(|| NodeShare {
+                    tokens: Vec::new(),
+                    routes: Vec::new(),
+                    global: Vec::new(),
+                });
                 share.global.push(*r);
             }
         }
@@ -125,7 +144,11 @@ impl ExpertBackend for ClusterExperts {
                         ActivationRows::new(q.ty, rows.data)
                     })
                     .collect(),
-                routes: share.routes.iter().map(|r| WireRoute { token: r.token, expert: r.expert, weight: r.weight }).collect(),
+                routes: share
+                    .routes
+                    .iter()
+                    .map(|r| WireRoute { token: r.token, expert: r.expert, weight: r.weight })
+                    .collect(),
             };
             let payload = batch.encode().map_err(|e| anyhow::anyhow!("encoding a batch for layer {layer}: {e}"))?;
             let link = self.links[node - 1].clone();
@@ -146,9 +169,17 @@ impl ExpertBackend for ClusterExperts {
             let result = self.runtime.block_on(handle).map_err(anyhow::Error::from).and_then(|r| r);
             match result {
                 Ok((sums, bytes_out, bytes_in))
-                    if sums.step == step && sums.layer as usize == layer && sums.n_tokens as usize == share.tokens.len() =>
+                    if sums.step == step
+                        && sums.layer as usize == layer
+                        && sums.n_tokens as usize == share.tokens.len() =>
                 {
-                    self.stats[node - 1].record(layer, bytes_out, bytes_in, share.tokens.len() as u64, started.elapsed());
+                    self.stats[node - 1].record(
+                        layer,
+                        bytes_out,
+                        bytes_in,
+                        share.tokens.len() as u64,
+                        started.elapsed(),
+                    );
                     for (row, &t) in sums.sums.chunks_exact(n_embd).zip(&share.tokens) {
                         out[t * n_embd..(t + 1) * n_embd].iter_mut().zip(row).for_each(|(o, s)| *o += s);
                     }
@@ -160,7 +191,10 @@ impl ExpertBackend for ClusterExperts {
                     };
                     self.stats[node - 1].record_failure();
                     if !self.lost[node - 1].swap(true, Ordering::Relaxed) {
-                        tracing::warn!("worker {} lost ({why}); its experts move to the coordinator", self.links[node - 1].addr);
+                        tracing::warn!(
+                            "worker {} lost ({why}); its experts move to the coordinator",
+                            self.links[node - 1].addr
+                        );
                         self.placement.write().unwrap_or_else(|e| e.into_inner()).reclaim(node);
                     }
                     self.compute_local(layer, &inputs, &share.global, &mut scratch)?;

@@ -97,7 +97,8 @@ impl WorkerLink {
 
     /// Assigns experts and ships the blobs the worker lacks. Returns the bytes shipped.
     pub async fn assign(&self, assignment: Assignment, source: &dyn BlobSource) -> anyhow::Result<u64> {
-        let blobs: Vec<_> = assignment.shards.iter().flat_map(|s| [s.gate.clone(), s.up.clone(), s.down.clone()]).collect();
+        let blobs: Vec<_> =
+            assignment.shards.iter().flat_map(|s| [s.gate.clone(), s.up.clone(), s.down.clone()]).collect();
         let need = match self.request(&Control::Assign(assignment), CONTROL_TIMEOUT).await? {
             Control::Need(hashes) => hashes,
             other => bail!("worker {}: expected the blobs it needs, got {other:?}", self.addr),

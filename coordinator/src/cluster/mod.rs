@@ -139,13 +139,15 @@ impl Cluster {
         }
         let placement = match &opts.placement {
             Some(path) => {
-                let text =
-                    std::fs::read_to_string(path).with_context(|| format!("{}: cannot read the placement file", path.display()))?;
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("{}: cannot read the placement file", path.display()))?;
                 Placement::parse(&text, c.n_layer, c.n_expert, &names).with_context(|| path.display().to_string())?
             }
             None => {
                 let l0 = &model.layers[0];
-                let expert_bytes = (l0.ffn_gate_exps.matrix.n_bytes() + l0.ffn_up_exps.matrix.n_bytes() + l0.ffn_down_exps.matrix.n_bytes()) as u64;
+                let expert_bytes = (l0.ffn_gate_exps.matrix.n_bytes()
+                    + l0.ffn_up_exps.matrix.n_bytes()
+                    + l0.ffn_down_exps.matrix.n_bytes()) as u64;
                 let mut nodes = vec![NodeSpec { name: "local".into(), mem_budget: u64::MAX, gemv_gbps: local_gbps }];
                 for (l, name) in links.iter().zip(&names[1..]) {
                     let caps = l.capabilities();
@@ -232,7 +234,12 @@ impl ClusterExperts {
             );
             for layer in 0..c.rtt_us.len() {
                 if let Some((mean, p99)) = c.rtt(layer) {
-                    let _ = writeln!(s, "  layer {layer:>3}: rtt mean {:>8.3} ms, p99 {:>8.3} ms", mean.as_secs_f64() * 1e3, p99.as_secs_f64() * 1e3);
+                    let _ = writeln!(
+                        s,
+                        "  layer {layer:>3}: rtt mean {:>8.3} ms, p99 {:>8.3} ms",
+                        mean.as_secs_f64() * 1e3,
+                        p99.as_secs_f64() * 1e3
+                    );
                 }
             }
         }

@@ -92,7 +92,12 @@ impl Placement {
     /// a name from `node_names` (index = node) or a comma list of names, over which each layer's
     /// selected experts are split in contiguous, near-equal runs (`* * w1,w2`: half each). Later
     /// lines override earlier ones; experts no line names stay on node 0. `#` starts a comment.
-    pub fn parse(text: &str, n_layer: usize, n_expert: usize, node_names: &[String]) -> Result<Placement, PlacementError> {
+    pub fn parse(
+        text: &str,
+        n_layer: usize,
+        n_expert: usize,
+        node_names: &[String],
+    ) -> Result<Placement, PlacementError> {
         let mut p = Placement::all_local(n_layer, n_expert);
         for (i, raw) in text.lines().enumerate() {
             let line = raw.split('#').next().unwrap_or("").trim();

@@ -286,7 +286,11 @@ mod tests {
     fn concurrent_requests_equal_solo_runs() {
         let solo: Vec<_> = {
             let e = engine(1);
-            prompts().into_iter().enumerate().map(|(i, p)| collect(e.submit(request(p, i as u64, 0.8)).unwrap()).0).collect()
+            prompts()
+                .into_iter()
+                .enumerate()
+                .map(|(i, p)| collect(e.submit(request(p, i as u64, 0.8)).unwrap()).0)
+                .collect()
         };
         let e = engine(4);
         let rxs: Vec<_> =
@@ -317,7 +321,10 @@ mod tests {
         let e = engine(1);
         assert_eq!(e.submit(request(vec![], 0, 0.0)).unwrap_err(), SubmitError::EmptyPrompt);
         assert!(matches!(e.submit(request(vec![5000], 0, 0.0)), Err(SubmitError::BadToken { id: 5000, .. })));
-        assert!(matches!(e.submit(request(vec![1; 300], 0, 0.0)), Err(SubmitError::ContextOverflow { prompt: 300, n_ctx: 256 })));
+        assert!(matches!(
+            e.submit(request(vec![1; 300], 0, 0.0)),
+            Err(SubmitError::ContextOverflow { prompt: 300, n_ctx: 256 })
+        ));
         let mut long = request(vec![1, 2, 3], 0, 0.0);
         long.max_tokens = 10_000;
         drop(e.submit(long).unwrap());

@@ -206,9 +206,13 @@ impl Scheduler {
             let mut slots: Vec<Option<&mut Slot>> = self.slots.iter_mut().map(Some).collect();
             for (i, tokens, prefill) in &plan {
                 let slot = slots[*i].take().expect("each slot planned once");
-                let last_chunk = !prefill
-                    || slot.active.as_ref().is_some_and(|a| a.evaluated + tokens.len() == a.req.prompt.len());
-                seqs.push(SeqBatch { kv: &mut slot.kv, tokens, logits: if last_chunk { Logits::Last } else { Logits::None } });
+                let last_chunk =
+                    !prefill || slot.active.as_ref().is_some_and(|a| a.evaluated + tokens.len() == a.req.prompt.len());
+                seqs.push(SeqBatch {
+                    kv: &mut slot.kv,
+                    tokens,
+                    logits: if last_chunk { Logits::Last } else { Logits::None },
+                });
             }
             self.model.forward_batch(&mut seqs, &*self.experts)
         };

@@ -185,7 +185,9 @@ impl ModelConfig {
                     })
                 }
                 "none" => None,
-                other => return Err(invalid(format!("unsupported rope.scaling.type {other:?} (supported: yarn, none)"))),
+                other => {
+                    return Err(invalid(format!("unsupported rope.scaling.type {other:?} (supported: yarn, none)")));
+                }
             },
             None => None,
         };

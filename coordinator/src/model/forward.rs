@@ -96,7 +96,11 @@ impl Model {
     /// [`Logits::None`]). The results for a sequence do not depend on what else is in the batch.
     ///
     /// Runs on the current rayon pool; the caller bounds the batch size (`n_ubatch` of the caches).
-    pub fn forward_batch(&self, seqs: &mut [SeqBatch<'_>], experts: &dyn ExpertBackend) -> Result<Vec<Vec<f32>>, ForwardError> {
+    pub fn forward_batch(
+        &self,
+        seqs: &mut [SeqBatch<'_>],
+        experts: &dyn ExpertBackend,
+    ) -> Result<Vec<Vec<f32>>, ForwardError> {
         let c = &self.config;
         let n_vocab = c.n_vocab;
         for seq in seqs.iter() {

@@ -84,11 +84,7 @@ fn bf16_le(b: [u8; 2]) -> f32 {
 #[inline(always)]
 fn elements<'a, const B: usize>(src: &'a [u8], n: usize, what: &str) -> &'a [[u8; B]] {
     let (elems, rest) = src.as_chunks::<B>();
-    assert!(
-        rest.is_empty() && elems.len() == n,
-        "{what}: {} bytes for {n} elements of {B} bytes",
-        src.len()
-    );
+    assert!(rest.is_empty() && elems.len() == n, "{what}: {} bytes for {n} elements of {B} bytes", src.len());
     elems
 }
 
@@ -143,10 +139,7 @@ pub fn dequantize_row_bf16(src: &[u8], dst: &mut [f32]) {
 /// Writes activations `x` as an F32 row: `dst` is `4 * x.len()` bytes, little-endian.
 pub fn quantize_row_f32(x: &[f32], dst: &mut [u8]) {
     let (out, rest) = dst.as_chunks_mut::<4>();
-    assert!(
-        rest.is_empty() && out.len() == x.len(),
-        "quantize_row_f32: dst length"
-    );
+    assert!(rest.is_empty() && out.len() == x.len(), "quantize_row_f32: dst length");
     for (o, &v) in out.iter_mut().zip(x) {
         *o = v.to_le_bytes();
     }
@@ -156,15 +149,9 @@ pub fn quantize_row_f32(x: &[f32], dst: &mut [u8]) {
 /// `ggml_cpu_fp32_to_fp16`): `dst` is `2 * x.len()` bytes, little-endian.
 pub fn quantize_row_f16(x: &[f32], dst: &mut [u8]) {
     let (out, rest) = dst.as_chunks_mut::<2>();
-    assert!(
-        rest.is_empty() && out.len() == x.len(),
-        "quantize_row_f16: dst length"
-    );
+    assert!(rest.is_empty() && out.len() == x.len(), "quantize_row_f16: dst length");
     let mut buf = [f16::ZERO; F16_CONVERT_CHUNK];
-    for (xc, oc) in x
-        .chunks(F16_CONVERT_CHUNK)
-        .zip(out.chunks_mut(F16_CONVERT_CHUNK))
-    {
+    for (xc, oc) in x.chunks(F16_CONVERT_CHUNK).zip(out.chunks_mut(F16_CONVERT_CHUNK)) {
         let buf = &mut buf[..xc.len()];
         buf.convert_from_f32_slice(xc);
         for (o, h) in oc.iter_mut().zip(buf.iter()) {
@@ -177,10 +164,7 @@ pub fn quantize_row_f16(x: &[f32], dst: &mut [u8]) {
 /// `ggml_cpu_fp32_to_bf16`): `dst` is `2 * x.len()` bytes, little-endian.
 pub fn quantize_row_bf16(x: &[f32], dst: &mut [u8]) {
     let (out, rest) = dst.as_chunks_mut::<2>();
-    assert!(
-        rest.is_empty() && out.len() == x.len(),
-        "quantize_row_bf16: dst length"
-    );
+    assert!(rest.is_empty() && out.len() == x.len(), "quantize_row_bf16: dst length");
     for (o, &v) in out.iter_mut().zip(x) {
         *o = fp32_to_bf16(v).to_le_bytes();
     }
@@ -292,13 +276,7 @@ mod tests {
         let n = 200; // not a multiple of the f16 conversion chunk
         let mut x = random_f32s(&mut rng, n, 4.0);
         // Ties for f16 (1 + 2^-11 -> 1, 1 + 3 * 2^-11 -> 1 + 2^-9), overflow, a subnormal.
-        x[..5].copy_from_slice(&[
-            1.0 + 2f32.powi(-11),
-            1.0 + 3.0 * 2f32.powi(-11),
-            7.0e4,
-            -7.0e4,
-            1.0e-7,
-        ]);
+        x[..5].copy_from_slice(&[1.0 + 2f32.powi(-11), 1.0 + 3.0 * 2f32.powi(-11), 7.0e4, -7.0e4, 1.0e-7]);
         let mut bytes = vec![0u8; 2 * n];
 
         quantize_row_f16(&x, &mut bytes);
@@ -348,28 +326,13 @@ mod tests {
             let got = f64::from(dot(&w, &a, n));
 
             // Against the dequantized rows: only summation error.
-            let exact: f64 = wd
-                .iter()
-                .zip(&ad)
-                .map(|(&p, &q)| f64::from(p) * f64::from(q))
-                .sum();
-            let abs: f64 = wd
-                .iter()
-                .zip(&ad)
-                .map(|(&p, &q)| (f64::from(p) * f64::from(q)).abs())
-                .sum();
-            assert!(
-                (got - exact).abs() <= SUM_REL_TOL * abs + 1e-30,
-                "n={n}: {got} vs {exact}"
-            );
+            let exact: f64 = wd.iter().zip(&ad).map(|(&p, &q)| f64::from(p) * f64::from(q)).sum();
+            let abs: f64 = wd.iter().zip(&ad).map(|(&p, &q)| (f64::from(p) * f64::from(q)).abs()).sum();
+            assert!((got - exact).abs() <= SUM_REL_TOL * abs + 1e-30, "n={n}: {got} vs {exact}");
 
             // Against the f32 activations: each converted activation is within a relative
             // `unit_roundoff` of the original.
-            let orig: f64 = wd
-                .iter()
-                .zip(&xf)
-                .map(|(&p, &q)| f64::from(p) * f64::from(q))
-                .sum();
+            let orig: f64 = wd.iter().zip(&xf).map(|(&p, &q)| f64::from(p) * f64::from(q)).sum();
             let tol = (unit_roundoff + SUM_REL_TOL) * abs + 1e-30;
             assert!((got - orig).abs() <= tol, "n={n}: {got} vs {orig}");
         }
@@ -382,24 +345,12 @@ mod tests {
 
     #[test]
     fn vec_dot_f16_matches_f64() {
-        check_dot(
-            quantize_row_f16,
-            dequantize_row_f16,
-            vec_dot_f16,
-            2,
-            2f64.powi(-11),
-        );
+        check_dot(quantize_row_f16, dequantize_row_f16, vec_dot_f16, 2, 2f64.powi(-11));
     }
 
     #[test]
     fn vec_dot_bf16_matches_f64() {
-        check_dot(
-            quantize_row_bf16,
-            dequantize_row_bf16,
-            vec_dot_bf16,
-            2,
-            2f64.powi(-8),
-        );
+        check_dot(quantize_row_bf16, dequantize_row_bf16, vec_dot_bf16, 2, 2f64.powi(-8));
     }
 
     #[test]

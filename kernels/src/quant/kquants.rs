@@ -42,11 +42,7 @@ const Q8_K_BYTES: usize = 292;
 /// # Panics
 /// If `x.len()` is not a multiple of 256 or `dst.len() != x.len() / 256 * 292`.
 pub fn quantize_row_q8_k(x: &[f32], dst: &mut [u8]) {
-    assert!(
-        x.len().is_multiple_of(QK_K),
-        "Q8_K: {} values is not a multiple of 256",
-        x.len()
-    );
+    assert!(x.len().is_multiple_of(QK_K), "Q8_K: {} values is not a multiple of 256", x.len());
     let n_blocks = x.len() / QK_K;
     let (out, rest) = dst.as_chunks_mut::<Q8_K_BYTES>();
     assert!(
@@ -77,11 +73,7 @@ pub fn dequantize_row_q2_k(src: &[u8], dst: &mut [f32]) {
         let d = f16_at(b, 80);
         let dmin = f16_at(b, 82);
         let q = unpack_2bit(field(b, 16));
-        let sub_blocks = y
-            .as_chunks_mut::<16>()
-            .0
-            .iter_mut()
-            .zip(q.as_chunks::<16>().0);
+        let sub_blocks = y.as_chunks_mut::<16>().0.iter_mut().zip(q.as_chunks::<16>().0);
         for ((y, q), &sc) in sub_blocks.zip(field::<16>(b, 0)) {
             dequantize_affine(y, q, d * f32::from(sc & 0xF), dmin * f32::from(sc >> 4));
         }
@@ -106,11 +98,7 @@ pub fn dequantize_row_q3_k(src: &[u8], dst: &mut [f32]) {
     for (b, y) in blocks.iter().zip(dst.as_chunks_mut::<QK_K>().0) {
         let d = f16_at(b, 108);
         let q = unpack_q3_k(b);
-        let sub_blocks = y
-            .as_chunks_mut::<16>()
-            .0
-            .iter_mut()
-            .zip(q.as_chunks::<16>().0);
+        let sub_blocks = y.as_chunks_mut::<16>().0.iter_mut().zip(q.as_chunks::<16>().0);
         for ((y, q), sc) in sub_blocks.zip(q3_k_scales(field(b, 96))) {
             let dl = d * f32::from(sc);
             for (y, &q) in y.iter_mut().zip(q) {
@@ -170,11 +158,7 @@ pub fn dequantize_row_q6_k(src: &[u8], dst: &mut [f32]) {
     for (b, y) in blocks.iter().zip(dst.as_chunks_mut::<QK_K>().0) {
         let d = f16_at(b, 208);
         let q = unpack_q6_k(b);
-        let sub_blocks = y
-            .as_chunks_mut::<16>()
-            .0
-            .iter_mut()
-            .zip(q.as_chunks::<16>().0);
+        let sub_blocks = y.as_chunks_mut::<16>().0.iter_mut().zip(q.as_chunks::<16>().0);
         for ((y, q), &sc) in sub_blocks.zip(field::<16>(b, 192)) {
             let dl = d * f32::from(sc as i8);
             for (y, &q) in y.iter_mut().zip(q) {
@@ -227,10 +211,7 @@ pub fn vec_dot_q3_k_q8_k(w: &[u8], a: &[u8], n: usize) -> f32 {
         let (ad, aq, _) = q8_k_parts(a);
         let q = unpack_q3_k(b);
         let sub_blocks = q.as_chunks::<16>().0.iter().zip(aq.as_chunks::<16>().0);
-        let isum: i32 = sub_blocks
-            .zip(q3_k_scales(field(b, 96)))
-            .map(|((q, aq), sc)| i32::from(sc) * dot(q, aq))
-            .sum();
+        let isum: i32 = sub_blocks.zip(q3_k_scales(field(b, 96))).map(|((q, aq), sc)| i32::from(sc) * dot(q, aq)).sum();
         sumf += f16_at(b, 108) * ad * isum as f32;
     }
     sumf
@@ -245,10 +226,7 @@ pub fn vec_dot_q3_k_q8_k(w: &[u8], a: &[u8], n: usize) -> f32 {
 /// If `n` is not a multiple of 256 or the lengths of `w` and `a` do not match `n`.
 pub fn vec_dot_q4_k_q8_k(w: &[u8], a: &[u8], n: usize) -> f32 {
     let (w, a) = dot_blocks::<Q4_K_BYTES>(w, a, n, "Q4_K");
-    w.iter()
-        .zip(a)
-        .map(|(b, a)| dot_block_k4(b, &unpack_4bit(field(b, 16)), a))
-        .sum()
+    w.iter().zip(a).map(|(b, a)| dot_block_k4(b, &unpack_4bit(field(b, 16)), a)).sum()
 }
 
 /// Dot product of a Q5_K weight row `w` (`n / 256` blocks of 176 bytes, see
@@ -260,10 +238,7 @@ pub fn vec_dot_q4_k_q8_k(w: &[u8], a: &[u8], n: usize) -> f32 {
 /// If `n` is not a multiple of 256 or the lengths of `w` and `a` do not match `n`.
 pub fn vec_dot_q5_k_q8_k(w: &[u8], a: &[u8], n: usize) -> f32 {
     let (w, a) = dot_blocks::<Q5_K_BYTES>(w, a, n, "Q5_K");
-    w.iter()
-        .zip(a)
-        .map(|(b, a)| dot_block_k4(b, &unpack_q5_k(b), a))
-        .sum()
+    w.iter().zip(a).map(|(b, a)| dot_block_k4(b, &unpack_q5_k(b), a)).sum()
 }
 
 /// Dot product of a Q6_K weight row `w` (`n / 256` blocks of 210 bytes, see
@@ -280,10 +255,8 @@ pub fn vec_dot_q6_k_q8_k(w: &[u8], a: &[u8], n: usize) -> f32 {
         let (ad, aq, _) = q8_k_parts(a);
         let q = unpack_q6_k(b);
         let sub_blocks = q.as_chunks::<16>().0.iter().zip(aq.as_chunks::<16>().0);
-        let isum: i32 = sub_blocks
-            .zip(field::<16>(b, 192))
-            .map(|((q, aq), &sc)| i32::from(sc as i8) * dot(q, aq))
-            .sum();
+        let isum: i32 =
+            sub_blocks.zip(field::<16>(b, 192)).map(|((q, aq), &sc)| i32::from(sc as i8) * dot(q, aq)).sum();
         sumf += f16_at(b, 208) * ad * isum as f32;
     }
     sumf
@@ -329,10 +302,7 @@ fn quantize_block_q8_k(x: &[f32; QK_K], out: &mut [u8; Q8_K_BYTES]) {
 
 /// Splits a weight row into blocks of `B` bytes for `n_values` values, checking the lengths.
 fn weight_blocks<'a, const B: usize>(src: &'a [u8], n_values: usize, ty: &str) -> &'a [[u8; B]] {
-    assert!(
-        n_values.is_multiple_of(QK_K),
-        "{ty}: {n_values} values is not a multiple of 256"
-    );
+    assert!(n_values.is_multiple_of(QK_K), "{ty}: {n_values} values is not a multiple of 256");
     let (blocks, rest) = src.as_chunks::<B>();
     assert!(
         rest.is_empty() && blocks.len() == n_values / QK_K,
@@ -356,9 +326,7 @@ fn dot_blocks<'a, const B: usize>(
 /// The `L` bytes of `b` from `offset` on (constant offsets into a fixed-size block compile to
 /// no checks).
 fn field<const L: usize>(b: &[u8], offset: usize) -> &[u8; L] {
-    b[offset..offset + L]
-        .try_into()
-        .expect("a slice of L bytes converts to [u8; L]")
+    b[offset..offset + L].try_into().expect("a slice of L bytes converts to [u8; L]")
 }
 
 /// The little-endian f16 at `offset`, as f32.
@@ -370,10 +338,7 @@ fn f16_at(b: &[u8], offset: usize) -> f32 {
 fn q8_k_parts(b: &[u8; Q8_K_BYTES]) -> (f32, &[u8; QK_K], [i32; 16]) {
     let d = f32::from_le_bytes(*field(b, 0));
     let mut bsums = [0i32; 16];
-    for (s, bytes) in bsums
-        .iter_mut()
-        .zip(field::<32>(b, 4 + QK_K).as_chunks::<2>().0)
-    {
+    for (s, bytes) in bsums.iter_mut().zip(field::<32>(b, 4 + QK_K).as_chunks::<2>().0) {
         *s = i32::from(i16::from_le_bytes(*bytes));
     }
     (d, field(b, 4), bsums)
@@ -381,10 +346,7 @@ fn q8_k_parts(b: &[u8; Q8_K_BYTES]) -> (f32, &[u8; QK_K], [i32; 16]) {
 
 /// Integer dot product of `N` unpacked weight quants with `N` Q8_K quants (stored bytes).
 fn dot<const N: usize>(q: &[i8; N], aq: &[u8; N]) -> i32 {
-    q.iter()
-        .zip(aq)
-        .map(|(&q, &a)| i32::from(q) * i32::from(a as i8))
-        .sum()
+    q.iter().zip(aq).map(|(&q, &a)| i32::from(q) * i32::from(a as i8)).sum()
 }
 
 /// The 2-bit quants of Q2_K / low bits of Q3_K: element `128h + 32j + l` is
@@ -392,12 +354,7 @@ fn dot<const N: usize>(q: &[i8; N], aq: &[u8; N]) -> i32 {
 #[inline(always)] // returns 256 bytes by value; inlined, the copy goes away
 fn unpack_2bit(qs: &[u8; 64]) -> [i8; QK_K] {
     let mut q = [0i8; QK_K];
-    for (half, src) in q
-        .as_chunks_mut::<128>()
-        .0
-        .iter_mut()
-        .zip(qs.as_chunks::<32>().0)
-    {
+    for (half, src) in q.as_chunks_mut::<128>().0.iter_mut().zip(qs.as_chunks::<32>().0) {
         for (shift, dst) in (0..8).step_by(2).zip(half.as_chunks_mut::<32>().0) {
             for (d, &s) in dst.iter_mut().zip(src) {
                 *d = ((s >> shift) & 3) as i8;
@@ -412,12 +369,7 @@ fn unpack_2bit(qs: &[u8; 64]) -> [i8; QK_K] {
 #[inline(always)] // returns 256 bytes by value; inlined, the copy goes away
 fn unpack_4bit(qs: &[u8; 128]) -> [i8; QK_K] {
     let mut q = [0i8; QK_K];
-    for (dst, src) in q
-        .as_chunks_mut::<64>()
-        .0
-        .iter_mut()
-        .zip(qs.as_chunks::<32>().0)
-    {
+    for (dst, src) in q.as_chunks_mut::<64>().0.iter_mut().zip(qs.as_chunks::<32>().0) {
         let (lo, hi) = dst.split_at_mut(32);
         for ((lo, hi), &s) in lo.iter_mut().zip(hi).zip(src) {
             *lo = (s & 0xF) as i8;
@@ -464,9 +416,7 @@ fn unpack_q6_k(b: &[u8; Q6_K_BYTES]) -> [i8; QK_K] {
         // Per group of 32: the bytes holding its low nibbles, that nibble's shift, the shift of
         // its 2 high bits in `qh`.
         let sources = [(ql0, 0, 0), (ql1, 0, 2), (ql0, 4, 4), (ql1, 4, 6)];
-        for (dst, (low, low_shift, high_shift)) in
-            dst.as_chunks_mut::<32>().0.iter_mut().zip(sources)
-        {
+        for (dst, (low, low_shift, high_shift)) in dst.as_chunks_mut::<32>().0.iter_mut().zip(sources) {
             for ((d, &lo), &h) in dst.iter_mut().zip(low).zip(qh) {
                 *d = (((lo >> low_shift) & 0xF) | (((h >> high_shift) & 3) << 4)) as i8 - 32;
             }
@@ -521,11 +471,7 @@ fn dequantize_block_k4(b: &[u8], q: &[i8; QK_K], y: &mut [f32; QK_K]) {
     let d = f16_at(b, 0);
     let dmin = f16_at(b, 2);
     let (scales, mins) = k4_scales_mins(field(b, 4));
-    let sub_blocks = y
-        .as_chunks_mut::<32>()
-        .0
-        .iter_mut()
-        .zip(q.as_chunks::<32>().0);
+    let sub_blocks = y.as_chunks_mut::<32>().0.iter_mut().zip(q.as_chunks::<32>().0);
     for (((y, q), sc), m) in sub_blocks.zip(scales).zip(mins) {
         dequantize_affine(y, q, d * f32::from(sc), dmin * f32::from(m));
     }
@@ -545,17 +491,8 @@ fn dot_block_k4(b: &[u8], q: &[i8; QK_K], a: &[u8; Q8_K_BYTES]) -> f32 {
     let (ad, aq, bsums) = q8_k_parts(a);
     let (scales, mins) = k4_scales_mins(field(b, 4));
     let sub_blocks = q.as_chunks::<32>().0.iter().zip(aq.as_chunks::<32>().0);
-    let isum: i32 = sub_blocks
-        .zip(scales)
-        .map(|((q, aq), sc)| i32::from(sc) * dot(q, aq))
-        .sum();
-    let summs: i32 = bsums
-        .as_chunks::<2>()
-        .0
-        .iter()
-        .zip(mins)
-        .map(|(s, m)| i32::from(m) * (s[0] + s[1]))
-        .sum();
+    let isum: i32 = sub_blocks.zip(scales).map(|((q, aq), sc)| i32::from(sc) * dot(q, aq)).sum();
+    let summs: i32 = bsums.as_chunks::<2>().0.iter().zip(mins).map(|(s, m)| i32::from(m) * (s[0] + s[1])).sum();
     f16_at(b, 0) * ad * isum as f32 - f16_at(b, 2) * ad * summs as f32
 }
 
@@ -651,10 +588,7 @@ mod tests {
             (bits(s[j], 0, 6), bits(s[j + 4], 0, 6))
         } else {
             let k = j - 4;
-            (
-                bits(s[8 + k], 0, 4) | bits(s[k], 6, 2) << 4,
-                bits(s[8 + k], 4, 4) | bits(s[4 + k], 6, 2) << 4,
-            )
+            (bits(s[8 + k], 0, 4) | bits(s[k], 6, 2) << 4, bits(s[8 + k], 4, 4) | bits(s[4 + k], 6, 2) << 4)
         }
     }
 
@@ -671,8 +605,7 @@ mod tests {
         let q = ref_low2(&b[32..96], e) as i32 - if high == 1 { 0 } else { 4 };
         let k = e / 16;
         let s = &b[96..108];
-        let scale =
-            (bits(s[k % 8], 4 * (k / 8), 4) | bits(s[8 + k % 4], 2 * (k / 4), 2) << 4) as i32;
+        let scale = (bits(s[k % 8], 4 * (k / 8), 4) | bits(s[8 + k % 4], 2 * (k / 4), 2) << 4) as i32;
         let dl = ref_f16(b, 108) * (scale - 32) as f32;
         dl * q as f32
     }
@@ -723,19 +656,10 @@ mod tests {
         let w = random_blocks(&mut rng, kind, n_blocks);
         let mut got = vec![f32::NAN; n_blocks * QK_K];
         (kind.dequantize)(&w, &mut got);
-        for (i, (b, y)) in w
-            .chunks_exact(kind.bytes)
-            .zip(got.chunks_exact(QK_K))
-            .enumerate()
-        {
+        for (i, (b, y)) in w.chunks_exact(kind.bytes).zip(got.chunks_exact(QK_K)).enumerate() {
             for (e, &y) in y.iter().enumerate() {
                 let want = (kind.reference)(b, e);
-                assert_eq!(
-                    y.to_bits(),
-                    want.to_bits(),
-                    "{} block {i} element {e}: {y} != {want}",
-                    kind.name
-                );
+                assert_eq!(y.to_bits(), want.to_bits(), "{} block {i} element {e}: {y} != {want}", kind.name);
             }
         }
     }
@@ -776,10 +700,7 @@ mod tests {
         Q8K {
             d: f32::from_le_bytes(b[0..4].try_into().unwrap()),
             qs: b[4..260].iter().map(|&q| q as i8).collect(),
-            bsums: b[260..292]
-                .chunks_exact(2)
-                .map(|s| i16::from_le_bytes([s[0], s[1]]))
-                .collect(),
+            bsums: b[260..292].chunks_exact(2).map(|s| i16::from_le_bytes([s[0], s[1]])).collect(),
         }
     }
 
@@ -837,10 +758,7 @@ mod tests {
             assert_eq!(b.qs[i * 20], q, "x = {v}");
         }
         for (j, s) in b.bsums.iter().enumerate() {
-            let want: i32 = b.qs[16 * j..16 * j + 16]
-                .iter()
-                .map(|&q| i32::from(q))
-                .sum();
+            let want: i32 = b.qs[16 * j..16 * j + 16].iter().map(|&q| i32::from(q)).sum();
             assert_eq!(i32::from(*s), want, "bsum {j}");
         }
     }
@@ -907,17 +825,10 @@ mod tests {
             assert!(b.qs.contains(&-127), "the largest magnitude maps to -127");
             for (&v, &q) in xb.iter().zip(&b.qs) {
                 let err = (b.d * f32::from(q) - v).abs();
-                assert!(
-                    err <= q8_k_error_bound(b.d, amax),
-                    "x = {v}, d = {}, q = {q}",
-                    b.d
-                );
+                assert!(err <= q8_k_error_bound(b.d, amax), "x = {v}, d = {}, q = {q}", b.d);
             }
             for (j, s) in b.bsums.iter().enumerate() {
-                let want: i32 = b.qs[16 * j..16 * j + 16]
-                    .iter()
-                    .map(|&q| i32::from(q))
-                    .sum();
+                let want: i32 = b.qs[16 * j..16 * j + 16].iter().map(|&q| i32::from(q)).sum();
                 assert_eq!(i32::from(*s), want, "bsum {j}");
             }
         }
@@ -953,38 +864,22 @@ mod tests {
                 let mut wf = vec![0.0f32; n];
                 (kind.dequantize)(&w, &mut wf);
                 let af = dequantize_q8_k(&a);
-                let products = || {
-                    wf.iter()
-                        .zip(&af)
-                        .map(|(&w, &a)| f64::from(w) * f64::from(a))
-                };
+                let products = || wf.iter().zip(&af).map(|(&w, &a)| f64::from(w) * f64::from(a));
                 let exact: f64 = products().sum();
                 let magnitude: f64 = products().map(f64::abs).sum();
                 let tol = 1e-5 * magnitude;
-                assert!(
-                    (got - exact).abs() <= tol,
-                    "{} n={n}: {got} vs {exact} (tolerance {tol})",
-                    kind.name
-                );
+                assert!((got - exact).abs() <= tol, "{} n={n}: {got} vs {exact} (tolerance {tol})", kind.name);
 
                 let mut raw = 0.0f64;
                 let mut raw_tol = tol;
                 let blocks = wf.chunks_exact(QK_K).zip(x.chunks_exact(QK_K));
                 for ((wb, xb), ab) in blocks.zip(a.chunks_exact(Q8_K_BYTES)) {
-                    raw += wb
-                        .iter()
-                        .zip(xb)
-                        .map(|(&w, &x)| f64::from(w) * f64::from(x))
-                        .sum::<f64>();
+                    raw += wb.iter().zip(xb).map(|(&w, &x)| f64::from(w) * f64::from(x)).sum::<f64>();
                     let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
                     let step = q8_k_error_bound(decode_q8_k(ab).d, amax);
                     raw_tol += f64::from(step) * wb.iter().map(|w| f64::from(w.abs())).sum::<f64>();
                 }
-                assert!(
-                    (got - raw).abs() <= raw_tol,
-                    "{} n={n}: {got} vs raw {raw} (tolerance {raw_tol})",
-                    kind.name
-                );
+                assert!((got - raw).abs() <= raw_tol, "{} n={n}: {got} vs raw {raw} (tolerance {raw_tol})", kind.name);
             }
         }
     }

@@ -38,10 +38,7 @@ fn f16_le(lo: u8, hi: u8) -> f32 {
 
 /// Number of blocks of a row of `n` elements; panics unless `n` is a multiple of 32.
 fn n_blocks(n: usize) -> usize {
-    assert!(
-        n.is_multiple_of(QK),
-        "row of {n} elements is not a multiple of {QK}"
-    );
+    assert!(n.is_multiple_of(QK), "row of {n} elements is not a multiple of {QK}");
     n / QK
 }
 
@@ -49,11 +46,7 @@ fn n_blocks(n: usize) -> usize {
 #[inline(always)]
 fn blocks<'a, const B: usize>(bytes: &'a [u8], nb: usize, what: &str) -> &'a [[u8; B]] {
     let (blocks, rest) = bytes.as_chunks::<B>();
-    assert!(
-        rest.is_empty() && blocks.len() == nb,
-        "{what}: {} bytes, expected {nb} blocks of {B} bytes",
-        bytes.len()
-    );
+    assert!(rest.is_empty() && blocks.len() == nb, "{what}: {} bytes, expected {nb} blocks of {B} bytes", bytes.len());
     blocks
 }
 
@@ -135,9 +128,7 @@ pub fn dequantize_row_q4_1(src: &[u8], dst: &mut [f32]) {
 pub fn dequantize_row_q5_0(src: &[u8], dst: &mut [f32]) {
     let nb = n_blocks(dst.len());
     let (out, _) = dst.as_chunks_mut::<QK>();
-    for ([d0, d1, h0, h1, h2, h3, qs @ ..], y) in
-        blocks::<Q5_0_BYTES>(src, nb, "q5_0").iter().zip(out)
-    {
+    for ([d0, d1, h0, h1, h2, h3, qs @ ..], y) in blocks::<Q5_0_BYTES>(src, nb, "q5_0").iter().zip(out) {
         let q = five_bit([*h0, *h1, *h2, *h3], qs);
         write_block(y, &q, 16, f16_le(*d0, *d1), None);
     }
@@ -147,9 +138,7 @@ pub fn dequantize_row_q5_0(src: &[u8], dst: &mut [f32]) {
 pub fn dequantize_row_q5_1(src: &[u8], dst: &mut [f32]) {
     let nb = n_blocks(dst.len());
     let (out, _) = dst.as_chunks_mut::<QK>();
-    for ([d0, d1, m0, m1, h0, h1, h2, h3, qs @ ..], y) in
-        blocks::<Q5_1_BYTES>(src, nb, "q5_1").iter().zip(out)
-    {
+    for ([d0, d1, m0, m1, h0, h1, h2, h3, qs @ ..], y) in blocks::<Q5_1_BYTES>(src, nb, "q5_1").iter().zip(out) {
         let q = five_bit([*h0, *h1, *h2, *h3], qs);
         write_block(y, &q, 0, f16_le(*d0, *d1), Some(f16_le(*m0, *m1)));
     }
@@ -205,10 +194,7 @@ fn round_half_away(v: f32) -> i8 {
 pub fn quantize_row_q8_0(x: &[f32], dst: &mut [u8]) {
     let nb = n_blocks(x.len());
     let (out, rest) = dst.as_chunks_mut::<Q8_0_BYTES>();
-    assert!(
-        rest.is_empty() && out.len() == nb,
-        "quantize_row_q8_0: dst length"
-    );
+    assert!(rest.is_empty() && out.len() == nb, "quantize_row_q8_0: dst length");
     let (x, _) = x.as_chunks::<QK>();
     for (x, [d0, d1, qs @ ..]) in x.iter().zip(out) {
         let (d, q) = quantize_block(x);
@@ -223,10 +209,7 @@ pub fn quantize_row_q8_0(x: &[f32], dst: &mut [u8]) {
 pub fn quantize_row_q8_1(x: &[f32], dst: &mut [u8]) {
     let nb = n_blocks(x.len());
     let (out, rest) = dst.as_chunks_mut::<Q8_1_BYTES>();
-    assert!(
-        rest.is_empty() && out.len() == nb,
-        "quantize_row_q8_1: dst length"
-    );
+    assert!(rest.is_empty() && out.len() == nb, "quantize_row_q8_1: dst length");
     let (x, _) = x.as_chunks::<QK>();
     for (x, [d0, d1, s0, s1, qs @ ..]) in x.iter().zip(out) {
         let (d, q) = quantize_block(x);
@@ -261,8 +244,7 @@ pub fn vec_dot_q4_1_q8_1(w: &[u8], a: &[u8], n: usize) -> f32 {
     let mut sumf = 0f32;
     for ([wd0, wd1, wm0, wm1, wqs @ ..], [ad0, ad1, as0, as1, aqs @ ..]) in w.iter().zip(a) {
         let sumi = dot_unsigned(&nibbles(wqs), 0, aqs);
-        sumf += f16_le(*wd0, *wd1) * f16_le(*ad0, *ad1) * sumi as f32
-            + f16_le(*wm0, *wm1) * f16_le(*as0, *as1);
+        sumf += f16_le(*wd0, *wd1) * f16_le(*ad0, *ad1) * sumi as f32 + f16_le(*wm0, *wm1) * f16_le(*as0, *as1);
     }
     sumf
 }
@@ -289,12 +271,9 @@ pub fn vec_dot_q5_1_q8_1(w: &[u8], a: &[u8], n: usize) -> f32 {
     let w = blocks::<Q5_1_BYTES>(w, nb, "vec_dot_q5_1_q8_1 weights");
     let a = blocks::<Q8_1_BYTES>(a, nb, "vec_dot_q5_1_q8_1 activations");
     let mut sumf = 0f32;
-    for ([wd0, wd1, wm0, wm1, h0, h1, h2, h3, wqs @ ..], [ad0, ad1, as0, as1, aqs @ ..]) in
-        w.iter().zip(a)
-    {
+    for ([wd0, wd1, wm0, wm1, h0, h1, h2, h3, wqs @ ..], [ad0, ad1, as0, as1, aqs @ ..]) in w.iter().zip(a) {
         let sumi = dot_unsigned(&five_bit([*h0, *h1, *h2, *h3], wqs), 0, aqs);
-        sumf += f16_le(*wd0, *wd1) * f16_le(*ad0, *ad1) * sumi as f32
-            + f16_le(*wm0, *wm1) * f16_le(*as0, *as1);
+        sumf += f16_le(*wd0, *wd1) * f16_le(*ad0, *ad1) * sumi as f32 + f16_le(*wm0, *wm1) * f16_le(*as0, *as1);
     }
     sumf
 }
@@ -344,12 +323,8 @@ mod tests {
                 match ty {
                     GgmlType::Q4_0 => (nibble(2) as i32 - 8) as f32 * f16_at(b, 0),
                     GgmlType::Q4_1 => nibble(4) as f32 * f16_at(b, 0) + f16_at(b, 2),
-                    GgmlType::Q5_0 => {
-                        ((nibble(6) + 16 * high(2)) as i32 - 16) as f32 * f16_at(b, 0)
-                    }
-                    GgmlType::Q5_1 => {
-                        (nibble(8) + 16 * high(4)) as f32 * f16_at(b, 0) + f16_at(b, 2)
-                    }
+                    GgmlType::Q5_0 => ((nibble(6) + 16 * high(2)) as i32 - 16) as f32 * f16_at(b, 0),
+                    GgmlType::Q5_1 => (nibble(8) + 16 * high(4)) as f32 * f16_at(b, 0) + f16_at(b, 2),
                     GgmlType::Q8_0 => f32::from(b[2 + i] as i8) * f16_at(b, 0),
                     _ => unreachable!(),
                 }
@@ -372,13 +347,7 @@ mod tests {
             .collect()
     }
 
-    const LEGACY: [GgmlType; 5] = [
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::Q5_0,
-        GgmlType::Q5_1,
-        GgmlType::Q8_0,
-    ];
+    const LEGACY: [GgmlType; 5] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0];
 
     #[test]
     fn block_sizes_match_type_table() {
@@ -410,9 +379,7 @@ mod tests {
     fn q8_quantization_hand_picked() {
         // amax 127 gives d = 1 exactly, so x * id = x: ties round away from zero (roundf).
         let mut x = [0f32; 32];
-        x[..12].copy_from_slice(&[
-            127.0, 0.5, -0.5, 1.5, 2.5, -2.5, 0.49, -126.5, 3.0, 0.0, -0.0, -127.0,
-        ]);
+        x[..12].copy_from_slice(&[127.0, 0.5, -0.5, 1.5, 2.5, -2.5, 0.49, -126.5, 3.0, 0.0, -0.0, -127.0]);
         let want_q: [i8; 12] = [127, 1, -1, 2, 3, -3, 0, -127, 3, 0, 0, -127];
         let want_sum: i32 = want_q.iter().map(|&q| i32::from(q)).sum();
 
@@ -442,20 +409,14 @@ mod tests {
     #[test]
     fn round_half_away_is_roundf() {
         let mut rng = ChaCha8Rng::seed_from_u64(12);
-        let mut values: Vec<f32> = (0..200_000)
-            .map(|_| rng.random_range(-130.0f32..130.0))
-            .collect();
+        let mut values: Vec<f32> = (0..200_000).map(|_| rng.random_range(-130.0f32..130.0)).collect();
         for k in -260..=260 {
             let tie = k as f32 * 0.5;
             values.extend([tie, tie.next_up(), tie.next_down()]);
         }
         values.extend([0.0, -0.0, 1e-40, -1e-40, 0.49999997, -0.49999997]);
         for v in values {
-            assert_eq!(
-                round_half_away(v),
-                v.round().clamp(-128.0, 127.0) as i8,
-                "{v:e}"
-            );
+            assert_eq!(round_half_away(v), v.round().clamp(-128.0, 127.0) as i8, "{v:e}");
         }
         assert_eq!(round_half_away(f32::NAN), 0);
         assert_eq!(round_half_away(f32::INFINITY), 127);
@@ -488,10 +449,7 @@ mod tests {
         let d = 1.0f32 / 127.0;
         let sum: i32 = b[4..].iter().map(|&q| i32::from(q as i8)).sum();
         assert_eq!(sum, 127 + 31 * 32); // 0.25 * 127 = 31.75 -> 32
-        assert_eq!(
-            u16::from_le_bytes([b[2], b[3]]),
-            f16::from_f32(sum as f32 * d).to_bits()
-        );
+        assert_eq!(u16::from_le_bytes([b[2], b[3]]), f16::from_f32(sum as f32 * d).to_bits());
         assert_eq!(u16::from_le_bytes([b[0], b[1]]), f16::from_f32(d).to_bits());
     }
 
@@ -512,10 +470,7 @@ mod tests {
                 // most 127 steps by |d - d16|; 1e-6 * d covers f32 rounding of x * (1 / d).
                 let tol = 0.5 * d + 127.0 * (d - d16).abs() + 1e-6 * d;
                 for (&a, &b) in xb.iter().zip(yb) {
-                    assert!(
-                        (f64::from(a) - f64::from(b)).abs() <= tol,
-                        "{ty:?}: {a} -> {b}"
-                    );
+                    assert!((f64::from(a) - f64::from(b)).abs() <= tol, "{ty:?}: {a} -> {b}");
                 }
             }
         }
@@ -578,18 +533,14 @@ mod tests {
                             let (wb, ab) = (&w[b * ty.type_size()..], &a[b * 36..][..36]);
                             let sum: i32 = ab[4..].iter().map(|&q| i32::from(q as i8)).sum();
                             let s_ideal = f64::from(f16_at(ab, 0)) * f64::from(sum);
-                            f64::from(f16_at(wb, 2)).abs()
-                                * (f64::from(f16_at(ab, 2)) - s_ideal).abs()
+                            f64::from(f16_at(wb, 2)).abs() * (f64::from(f16_at(ab, 2)) - s_ideal).abs()
                         })
                         .sum()
                 } else {
                     0.0
                 };
                 let tol = SUM_REL_TOL * abs + s_dev + 1e-30;
-                assert!(
-                    (got - exact).abs() <= tol,
-                    "{ty} n={n}: {got} vs {exact} (tol {tol})"
-                );
+                assert!((got - exact).abs() <= tol, "{ty} n={n}: {got} vs {exact} (tol {tol})");
 
                 // Against the f32 activations: each quantized activation is within one step
                 // `d` of its block (half a step of rounding plus the f16 scale's error, see
@@ -604,10 +555,7 @@ mod tests {
                     })
                     .sum();
                 let tol = tol + step_dev;
-                assert!(
-                    (got - orig).abs() <= tol,
-                    "{ty} n={n}: {got} vs f32 {orig} (tol {tol})"
-                );
+                assert!((got - orig).abs() <= tol, "{ty} n={n}: {got} vs f32 {orig} (tol {tol})");
             }
         }
     }

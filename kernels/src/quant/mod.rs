@@ -121,12 +121,8 @@ impl GgmlType {
     pub fn block_size(self) -> usize {
         match self {
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,
-            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => {
-                32
-            }
-            GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => {
-                256
-            }
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => 32,
+            GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => 256,
         }
     }
 
@@ -150,8 +146,7 @@ impl GgmlType {
 
     /// Bytes of a row of `n` elements; `None` when `n` is not a multiple of the block size.
     pub fn row_bytes(self, n: usize) -> Option<usize> {
-        n.is_multiple_of(self.block_size())
-            .then(|| n / self.block_size() * self.type_size())
+        n.is_multiple_of(self.block_size()).then(|| n / self.block_size() * self.type_size())
     }
 
     /// Dequantizes one row: `src` holds `dst.len()` elements in this type's GGUF layout
@@ -211,9 +206,7 @@ impl GgmlType {
             GgmlType::BF16 => VecDotType::BF16,
             GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => VecDotType::Q8_0,
             GgmlType::Q4_1 | GgmlType::Q5_1 => VecDotType::Q8_1,
-            GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => {
-                VecDotType::Q8_K
-            }
+            GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => VecDotType::Q8_K,
         }
     }
 }
@@ -305,11 +298,7 @@ pub(crate) mod testing {
     pub(crate) fn random_row(ty: GgmlType, n: usize, rng: &mut ChaCha8Rng) -> Vec<u8> {
         let f16_bytes = |rng: &mut ChaCha8Rng, lo: f32, hi: f32, signed: bool| {
             let v = rng.random_range(lo..hi);
-            let v = if signed && rng.random::<bool>() {
-                -v
-            } else {
-                v
-            };
+            let v = if signed && rng.random::<bool>() { -v } else { v };
             f16::from_f32(v).to_le_bytes()
         };
         let has_min = match ty {
