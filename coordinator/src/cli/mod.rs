@@ -1,4 +1,5 @@
-//! The `moeshard` command line: `run` (generate) and `score` (teacher-forced scoring).
+//! The `moeshard` command line: `run` (generate), `score` (teacher-forced scoring) and `serve`
+//! (the OpenAI / Ollama HTTP API).
 //!
 //! Flags follow llama.cpp's names where one exists (`-m`, `-p`, `-n`, `-t`, `-c`, `--temp`,
 //! `--top-k`, `--top-p`, `--min-p`, `--repeat-penalty`, `--seed`, `-ctk`/`-ctv`).
