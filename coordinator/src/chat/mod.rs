@@ -9,7 +9,7 @@
 //! is an error value, never a panic.
 
 mod json;
-mod strftime;
+pub(crate) mod strftime;
 mod value;
 
 use std::collections::BTreeMap;

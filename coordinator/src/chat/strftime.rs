@@ -25,7 +25,7 @@ const MONTHS: [&str; 12] = [
 
 /// A UTC calendar time, to the second.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct DateTime {
+pub(crate) struct DateTime {
     year: i64,
     /// 1..=12
     month: u32,
@@ -49,7 +49,7 @@ impl DateTime {
 
     /// The UTC calendar time `secs` seconds after 1970-01-01T00:00:00Z (Howard Hinnant's
     /// `civil_from_days`).
-    pub(super) fn from_unix(secs: i64) -> Self {
+    pub(crate) fn from_unix(secs: i64) -> Self {
         let days = secs.div_euclid(86_400);
         let rem = secs.rem_euclid(86_400) as u32;
         let z = days + 719_468;
@@ -78,7 +78,7 @@ impl DateTime {
     }
 
     /// Formats like C `strftime` (see the module documentation for the directives).
-    pub(super) fn format(&self, fmt: &str) -> String {
+    pub(crate) fn format(&self, fmt: &str) -> String {
         let mut out = String::new();
         let mut chars = fmt.chars().peekable();
         while let Some(c) = chars.next() {

@@ -18,6 +18,7 @@ use super::openai::{StreamSink, ndjson};
 use super::output::{ChatOutput, Delta};
 use super::params::{Fields, parse_body};
 use super::{ModelInfo, ServeState, unix_now};
+use crate::chat::strftime::DateTime;
 
 /// The Ollama version reported: recent enough for clients that check for tool support.
 const OLLAMA_VERSION: &str = "0.9.0";
@@ -289,19 +290,7 @@ async fn run_stream(
 
 /// `secs` since the Unix epoch as an RFC 3339 UTC timestamp.
 fn rfc3339(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem / 60 % 60, rem % 60)
+    DateTime::from_unix(i64::try_from(secs).unwrap_or(i64::MAX)).format("%Y-%m-%dT%H:%M:%SZ")
 }
 
 #[cfg(test)]
