@@ -20,9 +20,9 @@
 //!   diff| is 4e-6 over 40 tokens on logits up to ~14, 25x below. Over the 623-token text, error
 //!   grows with the attention sums over hundreds of keys: that test allows 3e-4 (measured 1.8e-5).
 //! - quantized files (activation rounding modelled, ties resolved): 1e-4 of the largest |logit|
-//!   (~1.3e-3). What remains is f32 accumulation, measured <= 3.2e-6 (2.5e-7 relative); a single
-//!   unresolved rounding tie moves logits by 1e-3 to 1e-1, and dropping the activation rounding
-//!   from the reference costs 1e-2 and more.
+//!   (~1.3e-3). What remains is f32 accumulation, measured <= 4.1e-6 (3e-7 relative); a rounding
+//!   tie moves logits by 3e-4 to 1e-1 (those below the tolerance stay unresolved), and dropping the
+//!   activation rounding from the reference costs 1e-2 and more.
 //! - MoE inputs: the same tolerance, relative ones scaled by the layer's largest |input|.
 
 use std::sync::{Arc, Mutex};
@@ -40,7 +40,7 @@ use crate::util::{model_path, reference, u32s};
 /// Tokens compared (more than every fixture's sliding window: 16 or 32).
 const N_TOKENS: usize = 40;
 /// At most this many ambiguities may be resolved in one comparison.
-const MAX_RESOLVED: usize = 30;
+const MAX_RESOLVED: usize = 10;
 /// Rounding ties tried per disagreement (nearest first).
 const MAX_CANDIDATES: usize = 512;
 
@@ -338,7 +338,9 @@ fn reference_q4_k_m_kq_mellum() {
 }
 
 /// `ffn_down_exps` is Q5_0 / Q8_0 here (384 columns, not a multiple of 256). Measured: max
-/// |logit diff| 3.2e-6 after resolving 2 rounding ties.
+/// |logit diff| 3.6e-4 after resolving 1 rounding tie: a second one (the f16 scale of an expert's
+/// down-projection input at position 34) moves logits by less than the tolerance and is left; with
+/// it resolved the max is 3.2e-6.
 #[test]
 fn reference_q4_k_m_odd_mellum() {
     check("odd-mellum-q4_k_m", true, QUANT, N_TOKENS);
