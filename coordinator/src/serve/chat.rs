@@ -11,7 +11,9 @@ use serde_json::{Map, Value, json};
 
 use super::errors::ApiError;
 use super::generate::{GenEvent, GenRequest, Generation, Outcome, Reason, TokenLogprob};
-use super::openai::{StreamSink, chat_logprobs, check_model, max_tokens, new_id, sse, timings, usage};
+use super::openai::{
+    StreamSink, chat_logprobs, check_model, check_single_choice, max_tokens, new_id, sse, timings, usage,
+};
 use super::output::{ChatOutput, Delta};
 use super::params::{Fields, parse_body};
 use super::reasoning::ReasoningParser;
@@ -185,9 +187,7 @@ pub async fn handle(State(state): State<Arc<ServeState>>, body: Bytes) -> Result
     let map = parse_body(&body)?;
     let f = Fields::new(&map, "");
     check_model(&state, &f, "model")?;
-    if let Some(n) = f.get::<i64>("n")?.filter(|&n| n != 1) {
-        return Err(ApiError::param("n", format!("only n = 1 is supported, got {n}")));
-    }
+    check_single_choice(&f)?;
     let messages = messages(f.raw("messages"), "messages")?;
     let tools = tools(&f)?;
     let kwargs = f.get::<Map<String, Value>>("chat_template_kwargs")?.unwrap_or_default();

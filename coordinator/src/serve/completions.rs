@@ -11,7 +11,7 @@ use serde_json::{Map, Value, json};
 use super::chat::StreamOptions;
 use super::errors::ApiError;
 use super::generate::{GenEvent, GenRequest, Generation, Reason, TokenLogprob};
-use super::openai::{StreamSink, check_model, max_tokens, new_id, sse, timings, usage};
+use super::openai::{StreamSink, check_model, check_single_choice, max_tokens, new_id, sse, timings, usage};
 use super::params::{Fields, parse_body};
 use super::{ServeState, unix_now};
 use crate::tokenizer::Tokenizer;
@@ -98,9 +98,7 @@ pub async fn handle(State(state): State<Arc<ServeState>>, body: Bytes) -> Result
     let map = parse_body(&body)?;
     let f = Fields::new(&map, "");
     check_model(&state, &f, "model")?;
-    if let Some(n) = f.get::<i64>("n")?.filter(|&n| n != 1) {
-        return Err(ApiError::param("n", format!("only n = 1 is supported, got {n}")));
-    }
+    check_single_choice(&f)?;
     let (ids, text) = prompt(&state, f.raw("prompt"))?;
     let echo = f.get::<bool>("echo")?.unwrap_or(false);
     let logprobs = f.integer("logprobs", 0)?;

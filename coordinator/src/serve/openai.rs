@@ -48,6 +48,14 @@ pub fn check_model(state: &ServeState, fields: &Fields, name: &str) -> Result<()
     }
 }
 
+/// Checks the OpenAI `n` parameter: only one choice per request is supported.
+pub fn check_single_choice(fields: &Fields) -> Result<(), ApiError> {
+    match fields.get::<i64>("n")? {
+        Some(n) if n != 1 => Err(ApiError::param("n", format!("only n = 1 is supported, got {n}"))),
+        _ => Ok(()),
+    }
+}
+
 /// `max_tokens` or `max_completion_tokens` (at least 1); `None`: until the context is full.
 pub fn max_tokens(fields: &Fields) -> Result<Option<usize>, ApiError> {
     let mut max = None;
