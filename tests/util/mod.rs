@@ -96,39 +96,18 @@ impl Worker {
     /// Starts `moeshard-worker --listen 127.0.0.1:0 --no-mdns --name NAME --cache-dir DIR` with
     /// `key` and waits (at most 60 s) for its `listening on ADDR` line.
     pub fn start(name: &str, key: &str, cache_dir: &std::path::Path, extra: &[&str]) -> Worker {
-        use std::io::BufRead;
-        let mut child = Command::new(sibling_binary("moeshard-worker"))
-            .args(["--listen", "127.0.0.1:0", "--no-mdns", "--name", name, "--threads", "1"])
+        let mut cmd = Command::new(sibling_binary("moeshard-worker"));
+        cmd.args(["--listen", "127.0.0.1:0", "--no-mdns", "--name", name, "--threads", "1"])
             .arg("--cache-dir")
             .arg(cache_dir)
             .args(extra)
-            .env("MOESHARD_CLUSTER_KEY", key)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
-            .spawn()
-            .expect("spawn moeshard-worker");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = std::io::BufReader::new(stdout).lines();
-            if let Some(Ok(line)) = lines.next() {
-                let _ = tx.send(line);
-            }
-            for _ in lines {}
-        });
-        let line = match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(line) => line,
-            Err(_) => {
-                let _ = child.kill();
-                panic!("worker {name} did not report its address within 60 s");
-            }
-        };
-        let addr = line
-            .strip_prefix("listening on ")
-            .and_then(|rest| rest.split_whitespace().next())
+            .env("MOESHARD_CLUSTER_KEY", key);
+        let (child, rest) = spawn_listening(cmd, &format!("worker {name}"));
+        let addr = rest
+            .split_whitespace()
+            .next()
             .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected first line from worker {name}: {line:?}"));
+            .unwrap_or_else(|| panic!("unexpected listening line from worker {name}: {rest:?}"));
         Worker { child, addr }
     }
 
@@ -174,36 +153,14 @@ impl Server {
     /// Starts `moeshard serve -m MODEL --port 0 -ctk f32 -ctv f32 EXTRA...` and waits (at most
     /// 60 s) for its `listening on http://ADDR` line.
     pub fn start(model: &str, extra: &[&str]) -> Server {
-        use std::io::BufRead;
-        let path = model_path(model);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_moeshard"))
-            .arg("serve")
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_moeshard"));
+        cmd.arg("serve")
             .arg("-m")
-            .arg(&path)
+            .arg(model_path(model))
             .args(["--port", "0", "-ctk", "f32", "-ctv", "f32", "-t", "2"])
-            .args(extra)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
-            .spawn()
-            .expect("spawn moeshard serve");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(url) = line.strip_prefix("listening on ") {
-                    let _ = tx.send(url.trim().to_owned());
-                }
-            }
-        });
-        match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(url) => Server { child, url },
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("moeshard serve did not report its address within 60 s");
-            }
-        }
+            .args(extra);
+        let (child, url) = spawn_listening(cmd, "moeshard serve");
+        Server { child, url: url.trim().to_owned() }
     }
 }
 
@@ -211,5 +168,34 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Spawns `cmd` (stdout piped, stderr inherited) and waits at most 60 s for a stdout line
+/// `listening on REST`; returns the child and REST. The child is killed if the line never comes.
+fn spawn_listening(mut cmd: Command, what: &str) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(rest) = line.strip_prefix("listening on ") {
+                let _ = tx.send(rest.to_owned());
+            }
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(rest) => (child, rest),
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not report its address within 60 s");
+        }
     }
 }
