@@ -1,25 +1,31 @@
 //! Start-up refusals.
 
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use crate::util::wait_with_deadline;
 
-#[test]
-fn refuses_to_start_without_a_key() {
-    let out_dir = crate::util::TempDir::new("nokey");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_moeshard-worker"))
-        .args(["--listen", "127.0.0.1:0", "--no-mdns", "--cache-dir"])
-        .arg(out_dir.path())
-        .env_remove("MOESHARD_CLUSTER_KEY")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn moeshard-worker");
+/// Starts the worker with `MOESHARD_CLUSTER_KEY` set to `key` (removed for `None`), expects it to
+/// exit with code 1 within 30 s, and returns its output.
+fn refused(key: Option<&str>) -> Output {
+    let dir = crate::util::TempDir::new("refused");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_moeshard-worker"));
+    cmd.args(["--listen", "127.0.0.1:0", "--no-mdns", "--cache-dir"]).arg(dir.path());
+    match key {
+        Some(k) => cmd.env("MOESHARD_CLUSTER_KEY", k),
+        None => cmd.env_remove("MOESHARD_CLUSTER_KEY"),
+    };
+    let mut child =
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn moeshard-worker");
     let status = wait_with_deadline(&mut child, Duration::from_secs(30));
     let output = child.wait_with_output().expect("output");
     assert_eq!(status.code(), Some(1));
+    output
+}
+
+#[test]
+fn refuses_to_start_without_a_key() {
+    let output = refused(None);
     assert!(output.stdout.is_empty(), "nothing on stdout without a key");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(stderr.lines().count(), 1, "one error line: {stderr}");
@@ -30,19 +36,7 @@ fn refuses_to_start_without_a_key() {
 
 #[test]
 fn refuses_a_short_key_without_echoing_it() {
-    let dir = crate::util::TempDir::new("shortkey");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_moeshard-worker"))
-        .args(["--listen", "127.0.0.1:0", "--no-mdns", "--cache-dir"])
-        .arg(dir.path())
-        .env("MOESHARD_CLUSTER_KEY", "tooshortkey")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn moeshard-worker");
-    let status = wait_with_deadline(&mut child, Duration::from_secs(30));
-    let output = child.wait_with_output().expect("output");
-    assert_eq!(status.code(), Some(1));
+    let output = refused(Some("tooshortkey"));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("MOESHARD_CLUSTER_KEY") && !stderr.contains("tooshortkey"), "{stderr}");
 }
