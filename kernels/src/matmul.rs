@@ -2,15 +2,19 @@
 //!
 //! `out[t][r] = dot(weight row r, activation row t)`, the product `x · Wᵀ` of activations `x`
 //! (`[n_rows, cols]`) with a weight matrix `W` (`[rows, cols]`, GGUF row-major: ggml's `ne0 =
-//! cols`, `ne1 = rows`). Each dot product is [`crate::quant::vec_dot`] on the activation row
-//! quantized to the weight type's [`VecDotType`], as ggml's CPU `mul_mat` does.
+//! cols`, `ne1 = rows`). Each dot product is [`crate::quant::vec_dot_cols`] on the activation
+//! rows quantized to the weight type's [`VecDotType`], as ggml's CPU `mul_mat` does.
 //!
-//! Work is split over the current rayon pool by chunks of weight rows; each chunk loops over all
-//! activation rows, so every weight row is read from memory once per call whatever the batch size.
+//! Work is split over the current rayon pool by chunks of weight rows. A chunk walks the
+//! activation rows in tiles of [`TOKEN_TILE`] (kept in L2) and, per weight row, in groups of
+//! [`MAX_COLS`] that one kernel call serves: each weight block is read from memory once per call
+//! and unpacked once per group. A result does not depend on the batch it was computed in.
+
+use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::quant::{GgmlType, VecDotType};
+use crate::quant::{DotKernel, GgmlType, Isa, MAX_COLS, VecDotType};
 
 /// Weight rows per work item are a multiple of this.
 const ROW_ALIGN: usize = 4;
@@ -19,6 +23,8 @@ const ROW_ALIGN: usize = 4;
 const MAX_ROWS_PER_CHUNK: usize = 32;
 /// Work items per pool thread to aim for (load balance).
 const CHUNKS_PER_THREAD: usize = 4;
+/// Activation rows per tile: 64 Q8_K rows of 2304 values are 187 KB, within L2.
+pub const TOKEN_TILE: usize = 64;
 
 /// Weight matrix in GGUF layout: `rows` rows of `cols` elements; row r is bytes
 /// `[r * row_bytes, (r + 1) * row_bytes)` of `data`, each row `cols / ty.block_size()` blocks in
@@ -101,9 +107,62 @@ impl QuantizedActivations {
 }
 
 /// Weight rows per work item for a matrix of `rows` rows on the current pool.
-fn rows_per_chunk(rows: usize) -> usize {
+pub fn rows_per_chunk(rows: usize) -> usize {
     let items = rayon::current_num_threads().max(1) * CHUNKS_PER_THREAD;
     rows.div_ceil(items).next_multiple_of(ROW_ALIGN).clamp(ROW_ALIGN, MAX_ROWS_PER_CHUNK)
+}
+
+/// `dot(w.row(r), x[t])` for every `r` in `rows` and every activation row `x[t]` (in
+/// `w.ty.vec_dot_type()` layout), handed to `sink(r, t, value)`; tokens in tiles of
+/// [`TOKEN_TILE`], [`MAX_COLS`] per kernel call. Single-threaded: the caller parallelizes.
+pub fn dot_rows(w: &QMatrix, x: &[&[u8]], rows: Range<usize>, mut sink: impl FnMut(usize, usize, f32)) {
+    let kernel = DotKernel::new(Isa::active(), w.ty, w.cols);
+    let mut values = [0.0f32; MAX_COLS];
+    for (tile_index, tile) in x.chunks(TOKEN_TILE).enumerate() {
+        for r in rows.clone() {
+            let row = w.row(r);
+            for (group_index, group) in tile.chunks(MAX_COLS).enumerate() {
+                let values = &mut values[..group.len()];
+                kernel.run(row, group, values);
+                let t0 = tile_index * TOKEN_TILE + group_index * MAX_COLS;
+                for (k, &v) in values.iter().enumerate() {
+                    sink(r, t0 + k, v);
+                }
+            }
+        }
+    }
+}
+
+/// A `[n, len]`-shaped f32 output that parallel work items fill at disjoint indices.
+#[derive(Clone, Copy)]
+pub struct DisjointOut {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: a `DisjointOut` is only created from a `&mut [f32]` that outlives every use, and its
+// users write disjoint indices (documented on `write`), so sharing it across threads is sound.
+unsafe impl Send for DisjointOut {}
+// SAFETY: as above.
+unsafe impl Sync for DisjointOut {}
+
+impl DisjointOut {
+    /// Wraps `out`; the wrapper must not outlive the borrow (use it inside the scope that owns
+    /// `out`, e.g. a rayon `for_each`).
+    pub fn new(out: &mut [f32]) -> Self {
+        DisjointOut { ptr: out.as_mut_ptr(), len: out.len() }
+    }
+
+    /// Writes `value` at index `i`. Panics when `i` is out of bounds.
+    ///
+    /// # Safety
+    /// No other thread reads or writes index `i` while the wrapped slice is shared, and the
+    /// slice is still borrowed.
+    pub unsafe fn write(&self, i: usize, value: f32) {
+        assert!(i < self.len, "index {i} of {}", self.len);
+        // SAFETY: in bounds (checked); exclusive per the caller's contract.
+        unsafe { self.ptr.add(i).write(value) }
+    }
 }
 
 /// `out = x · wᵀ`: out is `[x.n_rows, w.rows]` row-major, `out[t * w.rows + r] = dot(w.row(r),
@@ -120,35 +179,13 @@ pub fn matmul(w: &QMatrix, x: &QuantizedActivations, out: &mut [f32]) {
     if out.is_empty() {
         return;
     }
-    let dot = w.ty.vec_dot_fn();
-    let n = x.n_rows;
+    let rows: Vec<&[u8]> = (0..x.n_rows).map(|t| x.row(t)).collect();
     let chunk = rows_per_chunk(w.rows);
-    // Work item `c` covers weight rows `[c * chunk, c * chunk + nr)` and fills `dst` as
-    // `[n, nr]`: dst[t * nr + i] = dot(row c * chunk + i, activation t).
-    let compute = |c: usize, dst: &mut [f32]| {
-        let r0 = c * chunk;
-        let nr = dst.len() / n;
-        for (t, dst) in dst.chunks_exact_mut(nr).enumerate() {
-            let a = x.row(t);
-            for (i, o) in dst.iter_mut().enumerate() {
-                *o = dot(w.row(r0 + i), a, w.cols);
-            }
-        }
-    };
-    if n == 1 {
-        out.par_chunks_mut(chunk).enumerate().for_each(|(c, dst)| compute(c, dst));
-        return;
-    }
-    // Several activation rows: a chunk's results are strided in `out`, so they go to a
-    // chunk-contiguous scratch first and are copied row by row afterwards.
-    let mut scratch = vec![0f32; out.len()];
-    scratch.par_chunks_mut(chunk * n).enumerate().for_each(|(c, dst)| compute(c, dst));
-    out.par_chunks_mut(w.rows).enumerate().for_each(|(t, out_t)| {
-        for (c, (out_c, part)) in out_t.chunks_mut(chunk).zip(scratch.chunks(chunk * n)).enumerate() {
-            let nr = out_c.len();
-            debug_assert_eq!(part.len(), nr * n, "chunk {c}");
-            out_c.copy_from_slice(&part[t * nr..(t + 1) * nr]);
-        }
+    let dst = DisjointOut::new(out);
+    (0..w.rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
+        let range = c * chunk..((c + 1) * chunk).min(w.rows);
+        // SAFETY: work item `c` writes only the columns `range` of `out`, disjoint between items.
+        dot_rows(w, &rows, range, |r, t, v| unsafe { dst.write(t * w.rows + r, v) });
     });
 }
 

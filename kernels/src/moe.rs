@@ -6,8 +6,11 @@
 //! f16), then `sum_k w_k * down_k(silu(gate_k(x)) * up_k(x))`.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 
-use crate::matmul::{QMatrix, QuantizedActivations, matmul};
+use rayon::prelude::*;
+
+use crate::matmul::{DisjointOut, QMatrix, QuantizedActivations, dot_rows, rows_per_chunk};
 use crate::quant::VecDotType;
 
 /// One (token, expert, weight) triple of a routing decision.
@@ -190,6 +193,11 @@ pub fn grouped_expert_ffn<'a>(
 /// [`grouped_expert_ffn`] over pre-quantized inputs: the same result, bit for bit, as long as
 /// the inputs were quantized from the same f32 rows. Tokens are grouped per expert (ascending
 /// expert id), so each expert's weights are read once for all its tokens.
+///
+/// Two parallel passes over (expert, chunk of weight rows) work items on the current rayon
+/// pool, whatever the number of experts: gate and up together with SwiGLU fused
+/// (`silu(gate) * up` is written straight into the expert's hidden rows), then down after each
+/// expert's hidden rows are quantized once. The gate-weighted sum runs in route order.
 pub fn grouped_expert_ffn_quantized<'a>(
     expert: impl Fn(u32) -> ExpertFfn<'a>,
     inputs: &QuantizedInputs,
@@ -205,34 +213,42 @@ pub fn grouped_expert_ffn_quantized<'a>(
         }
         by_expert.entry(r.expert).or_default().push(i);
     }
+    let groups = by_expert
+        .into_iter()
+        .map(|(e, route_ids)| ExpertGroup::gather(expert(e), route_ids, routes, inputs))
+        .collect::<Result<Vec<_>, _>>()?;
 
+    // Pass 1: hidden[g] = silu(gate(x)) * up(x), `[n_tok, n_ff]` per group.
+    let mut hidden: Vec<Vec<f32>> = groups.iter().map(|g| vec![0.0; g.route_ids.len() * g.ffn.gate.rows]).collect();
+    let hidden_out: Vec<DisjointOut> = hidden.iter_mut().map(|h| DisjointOut::new(h)).collect();
+    work_items(&groups, |g| g.ffn.gate.rows).into_par_iter().for_each(|(gi, rows)| {
+        let g = &groups[gi];
+        let (n_tok, n_ff) = (g.route_ids.len(), g.ffn.gate.rows);
+        let mut gate = vec![0.0f32; rows.len() * n_tok];
+        dot_rows(&g.ffn.gate, &g.gate_rows(), rows.clone(), |r, t, v| gate[(r - rows.start) * n_tok + t] = v);
+        dot_rows(&g.ffn.up, &g.up_rows(), rows.clone(), |r, t, v| {
+            let h = silu(gate[(r - rows.start) * n_tok + t]) * v;
+            // SAFETY: this item alone writes columns `rows` of group `gi`'s hidden rows.
+            unsafe { hidden_out[gi].write(t * n_ff + r, h) };
+        });
+    });
+    let acts: Vec<QuantizedActivations> = groups
+        .par_iter()
+        .zip(&hidden)
+        .map(|(g, h)| QuantizedActivations::quantize(g.ffn.down.ty.vec_dot_type(), h, g.route_ids.len(), g.ffn.gate.rows))
+        .collect();
+
+    // Pass 2: results[route] = down(hidden), one `n_embd` row per route.
     let mut results = vec![0.0f32; routes.len() * n_embd];
-    for (&e, route_ids) in &by_expert {
-        let ffn = expert(e);
-        let tokens: Vec<usize> = route_ids.iter().map(|&i| routes[i].token as usize).collect();
-        let gate_ty = ffn.gate.ty.vec_dot_type();
-        let gate_in = inputs.gather(gate_ty, &tokens).ok_or(MoeError::MissingActivations(gate_ty))?;
-        let n_ff = ffn.gate.rows;
-        let mut gate = vec![0.0f32; tokens.len() * n_ff];
-        matmul(&ffn.gate, &gate_in, &mut gate);
-        let up_ty = ffn.up.ty.vec_dot_type();
-        let up_in = if up_ty == gate_ty {
-            gate_in
-        } else {
-            inputs.gather(up_ty, &tokens).ok_or(MoeError::MissingActivations(up_ty))?
-        };
-        let mut up = vec![0.0f32; tokens.len() * n_ff];
-        matmul(&ffn.up, &up_in, &mut up);
-        for (g, u) in gate.iter_mut().zip(&up) {
-            *g = silu(*g) * u;
-        }
-        let act = QuantizedActivations::quantize(ffn.down.ty.vec_dot_type(), &gate, tokens.len(), n_ff);
-        let mut down = vec![0.0f32; tokens.len() * n_embd];
-        matmul(&ffn.down, &act, &mut down);
-        for (row, &i) in down.chunks_exact(n_embd).zip(route_ids) {
-            results[i * n_embd..(i + 1) * n_embd].copy_from_slice(row);
-        }
-    }
+    let results_out = DisjointOut::new(&mut results);
+    work_items(&groups, |g| g.ffn.down.rows).into_par_iter().for_each(|(gi, rows)| {
+        let (g, act) = (&groups[gi], &acts[gi]);
+        let x: Vec<&[u8]> = (0..act.n_rows).map(|t| act.row(t)).collect();
+        dot_rows(&g.ffn.down, &x, rows, |r, t, v| {
+            // SAFETY: each route belongs to one group, and this item alone writes columns `rows`.
+            unsafe { results_out.write(g.route_ids[t] * n_embd + r, v) };
+        });
+    });
 
     out.fill(0.0);
     for (r, partial) in routes.iter().zip(results.chunks_exact(n_embd)) {
@@ -242,6 +258,51 @@ pub fn grouped_expert_ffn_quantized<'a>(
         }
     }
     Ok(())
+}
+
+/// One expert's share of a batch: its matrices, its routes (indices into the route list, in
+/// order) and their token rows gathered in the activation types of gate and up.
+struct ExpertGroup<'a> {
+    ffn: ExpertFfn<'a>,
+    route_ids: Vec<usize>,
+    gate_in: QuantizedActivations,
+    /// `None` when up takes the same activation type as gate.
+    up_in: Option<QuantizedActivations>,
+}
+
+impl<'a> ExpertGroup<'a> {
+    fn gather(ffn: ExpertFfn<'a>, route_ids: Vec<usize>, routes: &[Route], inputs: &QuantizedInputs) -> Result<Self, MoeError> {
+        let tokens: Vec<usize> = route_ids.iter().map(|&i| routes[i].token as usize).collect();
+        let gate_ty = ffn.gate.ty.vec_dot_type();
+        let gate_in = inputs.gather(gate_ty, &tokens).ok_or(MoeError::MissingActivations(gate_ty))?;
+        let up_ty = ffn.up.ty.vec_dot_type();
+        let up_in = match up_ty == gate_ty {
+            true => None,
+            false => Some(inputs.gather(up_ty, &tokens).ok_or(MoeError::MissingActivations(up_ty))?),
+        };
+        Ok(ExpertGroup { ffn, route_ids, gate_in, up_in })
+    }
+
+    fn gate_rows(&self) -> Vec<&[u8]> {
+        (0..self.gate_in.n_rows).map(|t| self.gate_in.row(t)).collect()
+    }
+
+    fn up_rows(&self) -> Vec<&[u8]> {
+        let up = self.up_in.as_ref().unwrap_or(&self.gate_in);
+        (0..up.n_rows).map(|t| up.row(t)).collect()
+    }
+}
+
+/// (group index, weight rows) work items covering `rows(group)` rows of every group, in chunks
+/// of [`rows_per_chunk`].
+fn work_items(groups: &[ExpertGroup], rows: impl Fn(&ExpertGroup) -> usize) -> Vec<(usize, Range<usize>)> {
+    let mut items = Vec::new();
+    for (gi, g) in groups.iter().enumerate() {
+        let n = rows(g);
+        let chunk = rows_per_chunk(n);
+        items.extend((0..n.div_ceil(chunk)).map(|c| (gi, c * chunk..((c + 1) * chunk).min(n))));
+    }
+    items
 }
 
 #[cfg(test)]

@@ -226,7 +226,11 @@ pub fn vec_dot_q3_k_q8_k(w: &[u8], a: &[u8], n: usize) -> f32 {
 /// If `n` is not a multiple of 256 or the lengths of `w` and `a` do not match `n`.
 pub fn vec_dot_q4_k_q8_k(w: &[u8], a: &[u8], n: usize) -> f32 {
     let (w, a) = dot_blocks::<Q4_K_BYTES>(w, a, n, "Q4_K");
-    w.iter().zip(a).map(|(b, a)| dot_block_k4(b, &unpack_4bit(field(b, 16)), a)).sum()
+    let mut sumf = 0.0f32;
+    for (b, a) in w.iter().zip(a) {
+        sumf += dot_block_k4(b, &unpack_4bit(field(b, 16)), a);
+    }
+    sumf
 }
 
 /// Dot product of a Q5_K weight row `w` (`n / 256` blocks of 176 bytes, see
@@ -238,7 +242,11 @@ pub fn vec_dot_q4_k_q8_k(w: &[u8], a: &[u8], n: usize) -> f32 {
 /// If `n` is not a multiple of 256 or the lengths of `w` and `a` do not match `n`.
 pub fn vec_dot_q5_k_q8_k(w: &[u8], a: &[u8], n: usize) -> f32 {
     let (w, a) = dot_blocks::<Q5_K_BYTES>(w, a, n, "Q5_K");
-    w.iter().zip(a).map(|(b, a)| dot_block_k4(b, &unpack_q5_k(b), a)).sum()
+    let mut sumf = 0.0f32;
+    for (b, a) in w.iter().zip(a) {
+        sumf += dot_block_k4(b, &unpack_q5_k(b), a);
+    }
+    sumf
 }
 
 /// Dot product of a Q6_K weight row `w` (`n / 256` blocks of 210 bytes, see
@@ -427,7 +435,7 @@ fn unpack_q6_k(b: &[u8; Q6_K_BYTES]) -> [i8; QK_K] {
 
 /// The sixteen 6-bit scales of a Q3_K block with their offset of 32 removed (-32..=31), decoded
 /// four at a time in 32-bit words as ggml does.
-fn q3_k_scales(s: &[u8; 12]) -> [i8; 16] {
+pub(super) fn q3_k_scales(s: &[u8; 12]) -> [i8; 16] {
     const LOW4: u32 = 0x0f0f_0f0f;
     const LOW2: u32 = 0x0303_0303;
     let word = |i: usize| u32::from_le_bytes(*field(s, 4 * i));
@@ -449,7 +457,7 @@ fn q3_k_scales(s: &[u8; 12]) -> [i8; 16] {
 
 /// The eight 6-bit scales and eight 6-bit mins packed in 12 bytes (Q4_K, Q5_K), decoded in
 /// 32-bit words as ggml's dot products do (equal to `get_scale_min_k4` per index).
-fn k4_scales_mins(s: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
+pub(super) fn k4_scales_mins(s: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
     const LOW6: u32 = 0x3f3f_3f3f;
     const LOW4: u32 = 0x0f0f_0f0f;
     const LOW2: u32 = 0x0303_0303;

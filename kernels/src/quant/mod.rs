@@ -267,22 +267,176 @@ impl VecDotType {
     }
 }
 
-/// A row dot-product kernel: `(w, a, n)` as in [`vec_dot`].
+/// A portable row dot-product kernel: `(w, a, n)` as in [`vec_dot`].
 pub(crate) type VecDotFn = fn(&[u8], &[u8], usize) -> f32;
 
 /// Dot product of one weight row and one activation row of `n` elements.
 ///
 /// `w` is `n` elements of type `w_ty` in GGUF layout ([`GgmlType::row_bytes`]`(n)` bytes); `a` is
 /// the activation row already in `w_ty.vec_dot_type()` layout ([`VecDotType::row_bytes`]`(n)`
-/// bytes, e.g. from [`VecDotType::quantize_row`]). Panics on length mismatches or when `n` is not
-/// a multiple of the block size.
+/// bytes, e.g. from [`VecDotType::quantize_row`]). Runs the [`Isa::active`] kernel, so it equals
+/// the matching column of [`vec_dot_cols`] bit for bit. Panics on length mismatches or when `n`
+/// is not a multiple of the block size.
 pub fn vec_dot(w_ty: GgmlType, w: &[u8], a: &[u8], n: usize) -> f32 {
-    (w_ty.vec_dot_fn())(w, a, n)
+    let mut out = [0.0f32];
+    vec_dot_cols(w_ty, w, &[a], n, &mut out);
+    out[0]
+}
+
+/// Dot products of one weight row with several activation rows: `out[c] = vec_dot(w_ty, w,
+/// a[c], n)`, with the weight blocks loaded and unpacked once for all columns (the inner kernel
+/// of batched matmul). Any number of columns; they are taken [`MAX_COLS`] at a time.
+///
+/// Lengths as in [`vec_dot`] for every column; `out.len() == a.len()`. Panics otherwise.
+pub fn vec_dot_cols(w_ty: GgmlType, w: &[u8], a: &[&[u8]], n: usize, out: &mut [f32]) {
+    vec_dot_cols_on(Isa::active(), w_ty, w, a, n, out);
+}
+
+/// Most activation rows one SIMD kernel call takes (larger batches are split).
+pub const MAX_COLS: usize = 8;
+
+/// [`vec_dot_cols`] with the kernels of `isa`. Panics when this CPU does not support `isa`.
+pub fn vec_dot_cols_on(isa: Isa, w_ty: GgmlType, w: &[u8], a: &[&[u8]], n: usize, out: &mut [f32]) {
+    DotKernel::new(isa, w_ty, n).run(w, a, out);
+}
+
+/// The dot-product kernel for rows of `n` elements of one weight type, resolved once (kernel
+/// choice, byte lengths) for the many rows of a matmul.
+#[derive(Clone, Copy)]
+pub struct DotKernel {
+    ty: GgmlType,
+    n: usize,
+    /// Bytes of a weight row.
+    w_bytes: usize,
+    /// Bytes of an activation row.
+    a_bytes: usize,
+    #[cfg(target_arch = "x86_64")]
+    simd: Option<x86::RawKernel>,
+    portable: VecDotFn,
+}
+
+impl DotKernel {
+    /// The kernel of `isa` for `ty` rows of `n` elements. Panics when `n` is not a multiple of
+    /// the block size or this CPU does not support `isa`.
+    pub fn new(isa: Isa, ty: GgmlType, n: usize) -> Self {
+        let w_bytes = ty.row_bytes(n).unwrap_or_else(|| panic!("{ty}: {n} is not a multiple of the block size"));
+        assert!(isa.supported(), "this CPU does not support {isa:?}");
+        DotKernel {
+            ty,
+            n,
+            w_bytes,
+            a_bytes: ty.vec_dot_type().row_bytes(n),
+            #[cfg(target_arch = "x86_64")]
+            simd: isa.x86().and_then(|x86| x86::kernel(ty, x86)),
+            portable: ty.vec_dot_fn(),
+        }
+    }
+
+    /// `out[c] = dot(w, a[c])` for every column. Panics unless `w` has the weight row's bytes,
+    /// every `a[c]` the activation row's bytes, and `out.len() == a.len()`.
+    pub fn run(&self, w: &[u8], a: &[&[u8]], out: &mut [f32]) {
+        let ty = self.ty;
+        assert!(w.len() == self.w_bytes, "{ty}: {} weight bytes for a row of {} elements", w.len(), self.n);
+        assert_eq!(a.len(), out.len(), "one output per activation row");
+        for (c, a) in a.iter().enumerate() {
+            assert!(a.len() == self.a_bytes, "{ty}: activation row {c} has {} bytes, need {}", a.len(), self.a_bytes);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let Some(kernel) = self.simd {
+            let n_blocks = self.n / ty.block_size();
+            for (a, out) in a.chunks(MAX_COLS).zip(out.chunks_mut(MAX_COLS)) {
+                // SAFETY: lengths checked above (`n_blocks` blocks in `w` and in every `a[c]`, at
+                // most MAX_COLS columns); CPU support checked in `new`.
+                unsafe { kernel(w, a, n_blocks, out) };
+            }
+            return;
+        }
+        for (a, o) in a.iter().zip(out) {
+            *o = (self.portable)(w, a, self.n);
+        }
+    }
+}
+
+/// The instruction set of the dot-product kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// Plain Rust (`legacy.rs`, `kquants.rs`, `float.rs`), any CPU.
+    Portable,
+    /// x86-64 AVX2 + FMA + F16C, 256-bit vectors.
+    Avx2,
+    /// x86-64 AVX-512 F/BW/VL + VNNI (`vpdpbusd`), 256-bit vectors.
+    Avx512Vnni,
+}
+
+impl Isa {
+    /// The kernels every dot product uses: the best this CPU supports, unless the environment
+    /// variable `MOESHARD_KERNELS` names another (`portable`, `avx2`, `avx512vnni`; one the CPU
+    /// lacks falls back to the best supported). Decided once per process.
+    pub fn active() -> Isa {
+        static ACTIVE: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *ACTIVE.get_or_init(|| {
+            let best = Isa::best();
+            match std::env::var("MOESHARD_KERNELS").ok().and_then(|v| Isa::from_name(&v)) {
+                Some(want) if want.supported() => want,
+                _ => best,
+            }
+        })
+    }
+
+    /// The best instruction set this CPU supports.
+    pub fn best() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(x86) = x86::X86Isa::detect() {
+            return match x86 {
+                x86::X86Isa::Avx2 => Isa::Avx2,
+                x86::X86Isa::Avx512Vnni => Isa::Avx512Vnni,
+            };
+        }
+        Isa::Portable
+    }
+
+    /// Whether this CPU can run the kernels of `self`.
+    pub fn supported(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(x86) = self.x86() {
+            return x86.supported();
+        }
+        self == Isa::Portable
+    }
+
+    /// Every instruction set this CPU supports, portable first.
+    pub fn all_supported() -> Vec<Isa> {
+        [Isa::Portable, Isa::Avx2, Isa::Avx512Vnni].into_iter().filter(|i| i.supported()).collect()
+    }
+
+    /// The lower-case name `MOESHARD_KERNELS` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512Vnni => "avx512vnni",
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Isa> {
+        [Isa::Portable, Isa::Avx2, Isa::Avx512Vnni].into_iter().find(|i| i.name() == name.trim().to_ascii_lowercase())
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn x86(self) -> Option<x86::X86Isa> {
+        match self {
+            Isa::Portable => None,
+            Isa::Avx2 => Some(x86::X86Isa::Avx2),
+            Isa::Avx512Vnni => Some(x86::X86Isa::Avx512Vnni),
+        }
+    }
 }
 
 pub mod float;
 pub mod kquants;
 pub mod legacy;
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 /// Test helpers shared by the kernel tests.
 #[cfg(test)]
@@ -292,9 +446,9 @@ pub(crate) mod testing {
     use rand::Rng;
     use rand_chacha::ChaCha8Rng;
 
-    /// A random row of `n` elements of `ty` (float or legacy quant types) in GGUF layout. Float
-    /// elements are uniform in [-1, 1); quant blocks have random quant bits and finite f16 scales
-    /// (`d` of magnitude in [1e-3, 0.1), either sign; `m` in [-0.5, 0.5)).
+    /// A random row of `n` elements of `ty` in GGUF layout. Float elements are uniform in
+    /// [-1, 1); quant blocks have random quant and scale bits and finite f16 super-scales (`d` of
+    /// magnitude in [1e-3, 0.1), either sign; `m` / `dmin` in [-0.5, 0.5)).
     pub(crate) fn random_row(ty: GgmlType, n: usize, rng: &mut ChaCha8Rng) -> Vec<u8> {
         let f16_bytes = |rng: &mut ChaCha8Rng, lo: f32, hi: f32, signed: bool| {
             let v = rng.random_range(lo..hi);
@@ -310,17 +464,118 @@ pub(crate) mod testing {
             }
             GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => false,
             GgmlType::Q4_1 | GgmlType::Q5_1 => true,
-            _ => panic!("random_row: {ty} not supported"),
+            GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => false,
+        };
+        // Offsets of `d` and of `m` / `dmin` in a block (`ggml-common.h`).
+        let (d_at, m_at) = match ty {
+            GgmlType::Q2_K => (80, Some(82)),
+            GgmlType::Q3_K => (108, None),
+            GgmlType::Q4_K | GgmlType::Q5_K => (0, Some(2)),
+            GgmlType::Q6_K => (208, None),
+            _ => (0, has_min.then_some(2)),
         };
         let mut out = vec![0u8; ty.row_bytes(n).expect("whole blocks")];
         rng.fill(&mut out[..]);
-        // Every legacy block starts with `d` (f16), followed by `m` (f16) in the `_1` types.
         for block in out.chunks_exact_mut(ty.type_size()) {
-            block[..2].copy_from_slice(&f16_bytes(rng, 1e-3, 0.1, true));
-            if has_min {
-                block[2..4].copy_from_slice(&f16_bytes(rng, -0.5, 0.5, false));
+            block[d_at..d_at + 2].copy_from_slice(&f16_bytes(rng, 1e-3, 0.1, true));
+            if let Some(m) = m_at {
+                block[m..m + 2].copy_from_slice(&f16_bytes(rng, -0.5, 0.5, false));
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::random_row;
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    /// The activation row `a` (in `ty`'s layout) as f32: Q8_1 blocks lose their `s` field and
+    /// are read as Q8_0, Q8_K blocks are `d` times the quants.
+    fn dequantize_activations(ty: VecDotType, a: &[u8], n: usize) -> Vec<f32> {
+        match ty {
+            VecDotType::Q8_0 => {
+                let mut out = vec![0.0; n];
+                GgmlType::Q8_0.dequantize_row(a, &mut out);
+                out
+            }
+            VecDotType::Q8_1 => {
+                let q8_0: Vec<u8> = a.chunks_exact(36).flat_map(|b| b[..2].iter().chain(&b[4..]).copied()).collect();
+                dequantize_activations(VecDotType::Q8_0, &q8_0, n)
+            }
+            VecDotType::Q8_K => a
+                .chunks_exact(292)
+                .flat_map(|b| {
+                    let d = f32::from_le_bytes(b[..4].try_into().unwrap());
+                    b[4..260].iter().map(move |&q| d * f32::from(q as i8))
+                })
+                .collect(),
+            _ => unreachable!("float types have no SIMD kernel"),
+        }
+    }
+
+    /// Every SIMD kernel against the portable one: the k-quants bit for bit (same integer sums,
+    /// same f32 operations), the legacy types within 1e-5 of sum |w_i a_i| (f32 summation
+    /// order); and in every instruction set each column of a batch equals that row alone, for
+    /// batches of 1 to 11 columns (more than [`MAX_COLS`]).
+    #[test]
+    fn simd_kernels_match_portable_and_are_batch_invariant() {
+        let mut rng = ChaCha8Rng::seed_from_u64(31);
+        let quantized = GgmlType::ALL.into_iter().filter(|t| t.block_size() > 1);
+        for ty in quantized {
+            let vt = ty.vec_dot_type();
+            for n in [256, 2304] {
+                let w = random_row(ty, n, &mut rng);
+                let mut wf = vec![0.0; n];
+                ty.dequantize_row(&w, &mut wf);
+                let cols: Vec<Vec<u8>> = (0..11)
+                    .map(|_| {
+                        let x: Vec<f32> = (0..n).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+                        let mut q = vec![0u8; vt.row_bytes(n)];
+                        vt.quantize_row(&x, &mut q);
+                        q
+                    })
+                    .collect();
+                let a: Vec<&[u8]> = cols.iter().map(Vec::as_slice).collect();
+                let mut portable = vec![0.0f32; a.len()];
+                vec_dot_cols_on(Isa::Portable, ty, &w, &a, n, &mut portable);
+                for isa in Isa::all_supported() {
+                    let mut batch = vec![f32::NAN; a.len()];
+                    vec_dot_cols_on(isa, ty, &w, &a, n, &mut batch);
+                    for (c, col) in a.iter().enumerate() {
+                        let mut alone = [f32::NAN];
+                        vec_dot_cols_on(isa, ty, &w, &[col], n, &mut alone);
+                        assert_eq!(alone[0].to_bits(), batch[c].to_bits(), "{ty} {isa:?} n={n} column {c}");
+                        if ty.block_size() == 256 {
+                            assert_eq!(batch[c].to_bits(), portable[c].to_bits(), "{ty} {isa:?} n={n} column {c}");
+                        } else {
+                            let af = dequantize_activations(vt, col, n);
+                            let abs: f64 = wf.iter().zip(&af).map(|(&w, &a)| f64::from(w * a).abs()).sum();
+                            let diff = f64::from(batch[c] - portable[c]).abs();
+                            assert!(diff <= 1e-5 * abs, "{ty} {isa:?} n={n} column {c}: {} vs {}", batch[c], portable[c]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "activation row 1")]
+    fn vec_dot_cols_checks_every_column() {
+        let w = random_row(GgmlType::Q4_K, 256, &mut ChaCha8Rng::seed_from_u64(32));
+        vec_dot_cols(GgmlType::Q4_K, &w, &[&[0u8; 292], &[0u8; 291]], 256, &mut [0.0; 2]);
+    }
+
+    #[test]
+    fn isa_names_round_trip() {
+        for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512Vnni] {
+            assert_eq!(Isa::from_name(isa.name()), Some(isa));
+        }
+        assert!(Isa::active().supported() && Isa::best().supported());
+        assert_eq!(Isa::all_supported()[0], Isa::Portable);
     }
 }

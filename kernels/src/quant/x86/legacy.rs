@@ -1,0 +1,154 @@
+//! Legacy 32-element block kernels (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 weights with Q8_0 / Q8_1
+//! activations) on 256-bit vectors; see the parent module.
+//!
+//! Block layouts are those documented in `quant/legacy.rs`. Per block and column, the exact
+//! integer sum (eight i32 lanes of `dpbusd`) is converted to f32 and accumulated as
+//! `acc += (d_w * d_a) * sum` in eight lanes, summed across lanes at the end of the row, as
+//! ggml's AVX2 kernels do. Signed weights (`q - 8`, `q - 16`, Q8_0) enter `dpbusd` as `|w|` with
+//! the activation's sign flipped where `w < 0`.
+
+use std::arch::x86_64::*;
+
+use super::{Dot, f16_at, f16_splat, hsum_f32, load};
+
+/// Bytes of a `block_q8_0` (`d` at 0, quants at 2) and a `block_q8_1` (`d`, `s`, quants at 4).
+const Q8_0_BYTES: usize = 34;
+const Q8_1_BYTES: usize = 36;
+
+/// The 32 nibbles of the 16 bytes at `p` in element order (low nibbles, then high nibbles).
+///
+/// # Safety
+/// `p..p + 16` readable; AVX2.
+#[inline(always)]
+unsafe fn nibbles(p: *const u8) -> __m256i {
+    unsafe {
+        let qs = _mm_loadu_si128(p.cast());
+        _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(qs), qs), _mm256_set1_epi8(0xF))
+    }
+}
+
+/// The 5-bit quants of a Q5 block: nibbles at `qs`, high bits in the little-endian u32 at `qh`.
+///
+/// # Safety
+/// `qs..qs + 16` and `qh..qh + 4` readable; the CPU supports `D`.
+#[inline(always)]
+unsafe fn five_bit<D: Dot>(qh: *const u8, qs: *const u8) -> __m256i {
+    unsafe { _mm256_or_si256(nibbles(qs), D::bits_to_bytes(qh.cast::<u32>().read_unaligned(), 0x10)) }
+}
+
+/// Shared loop of the kernels with Q8_0 activations and signed weights: `weights(block)` gives
+/// the block's `d` and its 32 signed quants.
+///
+/// # Safety
+/// See `RawKernel` in the parent module; `weights` reads only inside its block.
+#[inline(always)]
+unsafe fn signed_q8_0<D: Dot, const C: usize>(
+    w: &[u8],
+    a: &[&[u8]; C],
+    nb: usize,
+    out: &mut [f32; C],
+    block_bytes: usize,
+    weights: impl Fn(*const u8) -> __m256i,
+) {
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); C];
+        for i in 0..nb {
+            let b = w.as_ptr().add(i * block_bytes);
+            let q = weights(b);
+            let u = _mm256_sign_epi8(q, q);
+            let dw = f16_splat(b);
+            for c in 0..C {
+                let p = a[c].as_ptr().add(i * Q8_0_BYTES);
+                let s = _mm256_sign_epi8(load(p.add(2)), q);
+                let sum = _mm256_cvtepi32_ps(D::dpbusd(_mm256_setzero_si256(), u, s));
+                acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(dw, f16_splat(p)), sum, acc[c]);
+            }
+        }
+        for c in 0..C {
+            out[c] = hsum_f32(acc[c]);
+        }
+    }
+}
+
+/// Shared loop of the kernels with Q8_1 activations and unsigned weights plus a min:
+/// `weights(block)` gives the 32 quants; `d` is at 0 and `m` at 2 of the block.
+///
+/// # Safety
+/// See `RawKernel` in the parent module; `weights` reads only inside its block.
+#[inline(always)]
+unsafe fn affine_q8_1<D: Dot, const C: usize>(
+    w: &[u8],
+    a: &[&[u8]; C],
+    nb: usize,
+    out: &mut [f32; C],
+    block_bytes: usize,
+    weights: impl Fn(*const u8) -> __m256i,
+) {
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); C];
+        let mut summ = [0.0f32; C];
+        for i in 0..nb {
+            let b = w.as_ptr().add(i * block_bytes);
+            let u = weights(b);
+            let (dw, m) = (f16_splat(b), f16_at(b.add(2)));
+            for c in 0..C {
+                let p = a[c].as_ptr().add(i * Q8_1_BYTES);
+                let sum = _mm256_cvtepi32_ps(D::dpbusd(_mm256_setzero_si256(), u, load(p.add(4))));
+                acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(dw, f16_splat(p)), sum, acc[c]);
+                summ[c] += m * f16_at(p.add(2));
+            }
+        }
+        for c in 0..C {
+            out[c] = hsum_f32(acc[c]) + summ[c];
+        }
+    }
+}
+
+/// Q4_0 (18 bytes: `d`, 16 bytes of nibbles): `w = q - 8`.
+///
+/// # Safety
+/// See `RawKernel` in the parent module.
+#[inline(always)]
+pub(super) unsafe fn q4_0<D: Dot, const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, out: &mut [f32; C]) {
+    unsafe { signed_q8_0::<D, C>(w, a, nb, out, 18, |b| _mm256_sub_epi8(nibbles(b.add(2)), _mm256_set1_epi8(8))) }
+}
+
+/// Q5_0 (22 bytes: `d`, `qh`, 16 bytes of nibbles): `w = q - 16`.
+///
+/// # Safety
+/// See `RawKernel` in the parent module.
+#[inline(always)]
+pub(super) unsafe fn q5_0<D: Dot, const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, out: &mut [f32; C]) {
+    unsafe {
+        signed_q8_0::<D, C>(w, a, nb, out, 22, |b| {
+            _mm256_sub_epi8(five_bit::<D>(b.add(2), b.add(6)), _mm256_set1_epi8(16))
+        })
+    }
+}
+
+/// Q8_0 (34 bytes: `d`, 32 signed quants).
+///
+/// # Safety
+/// See `RawKernel` in the parent module.
+#[inline(always)]
+pub(super) unsafe fn q8_0<D: Dot, const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, out: &mut [f32; C]) {
+    unsafe { signed_q8_0::<D, C>(w, a, nb, out, 34, |b| load(b.add(2))) }
+}
+
+/// Q4_1 (20 bytes: `d`, `m`, 16 bytes of nibbles) with Q8_1: `d_w d_a sum(q a) + m s_a`.
+///
+/// # Safety
+/// See `RawKernel` in the parent module.
+#[inline(always)]
+pub(super) unsafe fn q4_1<D: Dot, const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, out: &mut [f32; C]) {
+    unsafe { affine_q8_1::<D, C>(w, a, nb, out, 20, |b| nibbles(b.add(4))) }
+}
+
+/// Q5_1 (24 bytes: `d`, `m`, `qh`, 16 bytes of nibbles) with Q8_1.
+///
+/// # Safety
+/// See `RawKernel` in the parent module.
+#[inline(always)]
+pub(super) unsafe fn q5_1<D: Dot, const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, out: &mut [f32; C]) {
+    unsafe { affine_q8_1::<D, C>(w, a, nb, out, 24, |b| five_bit::<D>(b.add(4), b.add(8))) }
+}

@@ -1,0 +1,277 @@
+//! x86-64 SIMD dot products of quantized weight rows with quantized activation rows.
+//!
+//! Every kernel multiplies ONE weight row with `C` activation rows (`C` = 1..=[`MAX_COLS`]) so
+//! that a weight block is loaded and unpacked once for all of them (the GEMM of prefill and of
+//! batched decoding); with `C = 1` it is the GEMV of single-token decoding. The arithmetic of
+//! each column is the same whatever `C`, so a token's result does not depend on its batch.
+//!
+//! The kernels work on 256-bit vectors and are written once, generic over [`Dot`], the
+//! `u8 x i8 -> i32` multiply-add of four byte pairs per lane: AVX2's `vpmaddubsw` + `vpmaddwd`
+//! ([`Avx2`]) or AVX-512 VNNI's single `vpdpbusd` on 256-bit registers ([`Vnni`], which also
+//! brings 32 vector registers and byte masks). The `u8` side is always a weight quant made
+//! non-negative (0..=63, or `|w|` for Q8_0), so `vpmaddubsw`'s i16 saturation is never reached
+//! (at most 2 x 128 x 127 = 32512).
+//!
+//! Exactness: the k-quant kernels (`kquants.rs`) compute each super-block's integer sums exactly
+//! and then apply the same f32 operations in the same order as the portable kernels in
+//! `quant/kquants.rs`, so their results are bit-identical to them. The 32-element legacy types
+//! (`legacy.rs`) accumulate `d_w * d_a * sum` in eight f32 lanes as ggml's AVX2 kernels do, so
+//! they differ from the portable kernels by float summation order only.
+
+mod kquants;
+mod legacy;
+mod wide;
+
+use std::arch::x86_64::*;
+
+use super::GgmlType;
+
+/// `u8 x i8` byte dot products accumulated in i32 lanes, and the byte-mask expansion the Q5
+/// types need: the two instruction sets the kernels are compiled for.
+pub(super) trait Dot {
+    /// `acc[i] + sum_{k<4} u[4i + k] * s[4i + k]` for the eight i32 lanes, `u` read as u8 and `s`
+    /// as i8. Exact when every pair sum `u[2j] * s[2j] + u[2j+1] * s[2j+1]` fits in i16.
+    ///
+    /// # Safety
+    /// The CPU must support the implementor's instruction set.
+    unsafe fn dpbusd(acc: __m256i, u: __m256i, s: __m256i) -> __m256i;
+
+    /// 32 bytes: byte `i` is `value` where bit `i` of `bits` is set, else 0.
+    ///
+    /// # Safety
+    /// The CPU must support the implementor's instruction set.
+    unsafe fn bits_to_bytes(bits: u32, value: i8) -> __m256i;
+}
+
+/// AVX2 (with FMA): `vpmaddubsw` then `vpmaddwd` by ones.
+pub(super) struct Avx2;
+
+impl Dot for Avx2 {
+    #[inline(always)]
+    unsafe fn dpbusd(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        unsafe { _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))) }
+    }
+
+    #[inline(always)]
+    unsafe fn bits_to_bytes(bits: u32, value: i8) -> __m256i {
+        unsafe {
+            // Byte i takes byte i / 8 of `bits`, then tests bit i % 8 of it.
+            let spread = _mm256_shuffle_epi8(
+                _mm256_set1_epi32(bits as i32),
+                _mm256_set_epi64x(0x0303_0303_0303_0303, 0x0202_0202_0202_0202, 0x0101_0101_0101_0101, 0),
+            );
+            let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+            let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+            _mm256_and_si256(set, _mm256_set1_epi8(value))
+        }
+    }
+}
+
+/// AVX-512 VNNI on 256-bit vectors (`vpdpbusd`, with AVX-512 VL/BW byte masks).
+pub(super) struct Vnni;
+
+impl Dot for Vnni {
+    #[inline(always)]
+    unsafe fn dpbusd(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        unsafe { _mm256_dpbusd_epi32(acc, u, s) }
+    }
+
+    #[inline(always)]
+    unsafe fn bits_to_bytes(bits: u32, value: i8) -> __m256i {
+        unsafe { _mm256_maskz_set1_epi8(bits, value) }
+    }
+}
+
+/// The instruction sets the kernels are compiled for, best first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum X86Isa {
+    /// AVX-512 F/BW/VL + VNNI, on 256-bit vectors.
+    Avx512Vnni,
+    /// AVX2 + FMA.
+    Avx2,
+}
+
+impl X86Isa {
+    /// The best instruction set this CPU supports, if any.
+    pub fn detect() -> Option<Self> {
+        let avx2 = is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c");
+        let vnni = is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni");
+        match (avx2, vnni) {
+            (true, true) => Some(X86Isa::Avx512Vnni),
+            (true, false) => Some(X86Isa::Avx2),
+            _ => None,
+        }
+    }
+
+    /// Whether this CPU can run kernels compiled for `self`.
+    pub fn supported(self) -> bool {
+        Self::detect().is_some_and(|best| best == self || self == X86Isa::Avx2)
+    }
+}
+
+/// A multi-column kernel after the length checks: `(w, a, n_blocks, out)`, `a.len() ==
+/// out.len()` in `1..=super::MAX_COLS`.
+///
+/// # Safety
+/// `w` holds `n_blocks` weight blocks, every `a[c]` `n_blocks` activation blocks of the weight
+/// type's vec-dot type (for Q8_K, `n_blocks` is counted in 256-element super-blocks), and the CPU
+/// supports the kernel's instruction set.
+pub(super) type RawKernel = unsafe fn(w: &[u8], a: &[&[u8]], n_blocks: usize, out: &mut [f32]);
+
+/// The kernel for weights of type `ty` compiled for `isa`; `None` for the float types, which
+/// have no SIMD kernel here.
+pub(super) fn kernel(ty: GgmlType, isa: X86Isa) -> Option<RawKernel> {
+    macro_rules! pick {
+        ($f:ident) => {
+            match isa {
+                X86Isa::Avx2 => $f::avx2 as RawKernel,
+                X86Isa::Avx512Vnni => $f::vnni as RawKernel,
+            }
+        };
+    }
+    Some(match ty {
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => return None,
+        GgmlType::Q2_K => pick!(q2_k),
+        GgmlType::Q3_K => pick!(q3_k),
+        GgmlType::Q4_K => pick!(q4_k),
+        GgmlType::Q5_K => pick!(q5_k),
+        GgmlType::Q6_K => pick!(q6_k),
+        GgmlType::Q4_0 => pick!(q4_0),
+        GgmlType::Q4_1 => pick!(q4_1),
+        GgmlType::Q5_0 => pick!(q5_0),
+        GgmlType::Q5_1 => pick!(q5_1),
+        GgmlType::Q8_0 => pick!(q8_0),
+    })
+}
+
+/// Defines module `$name` with the two compiled entry points of a kernel, each dispatching on
+/// the column count: `avx2` from the generic 256-bit body (`unsafe fn body<D: Dot, const C:
+/// usize>(w: &[u8], a: &[&[u8]; C], nb: usize, out: &mut [f32; C])`), `vnni` from the same body
+/// with [`Vnni`], or from a 512-bit body (`body<const C: usize>`) when one is given.
+macro_rules! entry_points {
+    ($name:ident, $module:ident :: $body:ident) => {
+        entry_points!($name, $module::$body, vnni: $module::$body[Vnni]);
+    };
+    ($name:ident, $module:ident :: $body:ident, wide) => {
+        entry_points!($name, $module::$body, vnni: wide::$body[]);
+    };
+    ($name:ident, $module:ident :: $body:ident, vnni: $vm:ident :: $vbody:ident [$($vg:ty)?]) => {
+        mod $name {
+            use super::*;
+
+            /// AVX2 + FMA + F16C build.
+            ///
+            /// # Safety
+            /// See [`RawKernel`].
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub(super) unsafe fn avx2(w: &[u8], a: &[&[u8]], nb: usize, out: &mut [f32]) {
+                unsafe { dispatch_cols!($module::$body, [Avx2], w, a, nb, out) }
+            }
+
+            /// AVX-512 VNNI build.
+            ///
+            /// # Safety
+            /// See [`RawKernel`].
+            #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+            pub(super) unsafe fn vnni(w: &[u8], a: &[&[u8]], nb: usize, out: &mut [f32]) {
+                unsafe { dispatch_cols!($vm::$vbody, [$($vg)?], w, a, nb, out) }
+            }
+        }
+    };
+}
+
+/// Calls `$module::$body::<$generics.., C>` with `C = a.len()`.
+macro_rules! dispatch_cols {
+    ($module:ident :: $body:ident, [$($g:ty)?], $w:expr, $a:expr, $nb:expr, $out:expr) => {
+        match $a.len() {
+            1 => $module::$body::<$($g,)? 1>($w, $a.try_into().unwrap(), $nb, $out.try_into().unwrap()),
+            2 => $module::$body::<$($g,)? 2>($w, $a.try_into().unwrap(), $nb, $out.try_into().unwrap()),
+            3 => $module::$body::<$($g,)? 3>($w, $a.try_into().unwrap(), $nb, $out.try_into().unwrap()),
+            4 => $module::$body::<$($g,)? 4>($w, $a.try_into().unwrap(), $nb, $out.try_into().unwrap()),
+            5 => $module::$body::<$($g,)? 5>($w, $a.try_into().unwrap(), $nb, $out.try_into().unwrap()),
+            6 => $module::$body::<$($g,)? 6>($w, $a.try_into().unwrap(), $nb, $out.try_into().unwrap()),
+            7 => $module::$body::<$($g,)? 7>($w, $a.try_into().unwrap(), $nb, $out.try_into().unwrap()),
+            8 => $module::$body::<$($g,)? 8>($w, $a.try_into().unwrap(), $nb, $out.try_into().unwrap()),
+            n => unreachable!("{n} columns"),
+        }
+    };
+}
+
+entry_points!(q2_k, kquants::q2_k);
+entry_points!(q3_k, kquants::q3_k);
+entry_points!(q4_k, kquants::q4_k, wide);
+entry_points!(q5_k, kquants::q5_k);
+entry_points!(q6_k, kquants::q6_k, wide);
+entry_points!(q4_0, legacy::q4_0);
+entry_points!(q4_1, legacy::q4_1);
+entry_points!(q5_0, legacy::q5_0, wide);
+entry_points!(q5_1, legacy::q5_1);
+entry_points!(q8_0, legacy::q8_0);
+
+/// Loads 32 bytes from `p` (no alignment needed).
+///
+/// # Safety
+/// `p..p + 32` must be readable; AVX.
+#[inline(always)]
+unsafe fn load(p: *const u8) -> __m256i {
+    unsafe { _mm256_loadu_si256(p.cast()) }
+}
+
+/// Sum of the eight i32 lanes (wrapping, exact for the kernels' bounded sums).
+///
+/// # Safety
+/// AVX2.
+#[inline(always)]
+unsafe fn hsum_i32(v: __m256i) -> i32 {
+    unsafe {
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+        _mm_cvtsi128_si32(s)
+    }
+}
+
+/// Sum of the eight f32 lanes.
+///
+/// # Safety
+/// AVX.
+#[inline(always)]
+unsafe fn hsum_f32(v: __m256) -> f32 {
+    unsafe {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+}
+
+/// The little-endian f16 at `p`, as f32: exact for every input (subnormals, zero, infinities;
+/// NaNs stay NaN), and free of the false register dependency a scalar `vcvtph2ps` gets (LLVM
+/// merges it into whatever register is at hand, often a loop accumulator).
+///
+/// # Safety
+/// `p..p + 2` must be readable.
+#[inline(always)]
+unsafe fn f16_at(p: *const u8) -> f32 {
+    let h = u32::from(unsafe { p.cast::<u16>().read_unaligned() });
+    let magnitude = h & 0x7fff;
+    // Exponent and mantissa moved to f32 positions, then rebiased by 2^(127 - 15) = 2^112
+    // (0x7780_0000); the product is exact, and scales f16 subnormals correctly too.
+    let finite = f32::from_bits(magnitude << 13) * f32::from_bits(0x7780_0000);
+    let bits = if magnitude >= 0x7c00 { (magnitude << 13) | 0x7f80_0000 } else { finite.to_bits() };
+    f32::from_bits(bits | ((h & 0x8000) << 16))
+}
+
+/// The little-endian f16 at `p` as f32 in all eight lanes.
+///
+/// # Safety
+/// `p..p + 2` must be readable; F16C and AVX2.
+#[inline(always)]
+unsafe fn f16_splat(p: *const u8) -> __m256 {
+    unsafe { _mm256_cvtph_ps(_mm_set1_epi16(p.cast::<i16>().read_unaligned())) }
+}

@@ -1,0 +1,194 @@
+//! 512-bit AVX-512 VNNI kernels for the types that carry most of a Q4_K_M model's bytes (Q4_K
+//! and Q6_K matrices, Q5_0 expert `down` projections); the other types use the 256-bit kernels.
+//!
+//! Same arithmetic as the 256-bit kernels (see the parent module), 64 weights per instruction:
+//! the k-quants stay bit-identical to the portable kernels; Q5_0 accumulates `(d_w * d_a) *
+//! sum` for two blocks at a time in sixteen f32 lanes (f32 summation order differs from the
+//! portable kernel, never with the column count).
+
+use std::arch::x86_64::*;
+
+use super::super::kquants::k4_scales_mins;
+use super::kquants::{Q8_K_BYTES, Q8_K_QS, bsum_dot, paired_mins, q8_k_block};
+use super::{f16_at, load};
+
+/// Loads 64 bytes from `p`.
+///
+/// # Safety
+/// `p..p + 64` readable; AVX-512 F.
+#[inline(always)]
+unsafe fn load512(p: *const u8) -> __m512i {
+    unsafe { _mm512_loadu_si512(p.cast()) }
+}
+
+/// `acc + vpdpbusd(u, a) * scales` lane by lane (sixteen i32 lanes).
+///
+/// # Safety
+/// `a..a + 64` readable; AVX-512 F/VNNI.
+#[inline(always)]
+unsafe fn scaled_dot(acc: __m512i, u: __m512i, a: *const u8, scales: __m512i) -> __m512i {
+    unsafe { _mm512_add_epi32(acc, _mm512_mullo_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u, load512(a)), scales)) }
+}
+
+/// Q4_K: per 32-byte chunk `j` of quants, one vector of its 32 low nibbles (sub-block `2j`)
+/// then its 32 high nibbles (sub-block `2j + 1`), against the 64 contiguous activations.
+///
+/// # Safety
+/// See `RawKernel` in the parent module; AVX-512 F/BW/VL/VNNI.
+#[inline(always)]
+pub(super) unsafe fn q4_k<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, out: &mut [f32; C]) {
+    unsafe {
+        let mut sumf = [0.0f32; C];
+        let low4 = _mm512_set1_epi8(0xF);
+        for i in 0..nb {
+            let b = w.as_ptr().add(i * 144);
+            let (scales, mins) = k4_scales_mins(&b.add(4).cast::<[u8; 12]>().read_unaligned());
+            let mins16 = paired_mins(mins);
+            let scales = _mm512_cvtepu8_epi32(_mm_cvtsi64_si128(i64::from_le_bytes(scales)));
+            let mut acc = [_mm512_setzero_si512(); C];
+            for j in 0..4 {
+                let q = load(b.add(16 + 32 * j));
+                let u = _mm512_and_si512(_mm512_inserti64x4::<1>(_mm512_castsi256_si512(q), _mm256_srli_epi16::<4>(q)), low4);
+                let index = _mm512_inserti64x4::<1>(
+                    _mm512_castsi256_si512(_mm256_set1_epi32(2 * j as i32)),
+                    _mm256_set1_epi32(2 * j as i32 + 1),
+                );
+                let sc = _mm512_permutexvar_epi32(index, scales);
+                for c in 0..C {
+                    acc[c] = scaled_dot(acc[c], u, a[c].as_ptr().add(i * Q8_K_BYTES + Q8_K_QS + 64 * j), sc);
+                }
+            }
+            let (d, dmin) = (f16_at(b), f16_at(b.add(2)));
+            for c in 0..C {
+                let (p, ad) = q8_k_block(a, c, i);
+                let isum = _mm512_reduce_add_epi32(acc[c]);
+                let summs = bsum_dot(p, mins16);
+                sumf[c] += d * ad * isum as f32 - dmin * ad * summs as f32;
+            }
+        }
+        *out = sumf;
+    }
+}
+
+/// Sixteen i32 lanes: four each of the i8 scales `s[k0]`, `s[k0 + 1]`, `s[k0 + 2]`, `s[k0 + 3]`
+/// (the four 16-element sub-blocks a 64-weight vector covers).
+///
+/// # Safety
+/// AVX-512 F, SSSE3.
+#[inline(always)]
+unsafe fn quad_scales(s: __m128i, k0: usize) -> __m512i {
+    let k = k0 as u64;
+    let lo = k * 0x0101_0101 + (k + 1) * 0x0101_0101_0000_0000;
+    let hi = (k + 2) * 0x0101_0101 + (k + 3) * 0x0101_0101_0000_0000;
+    unsafe { _mm512_cvtepi8_epi32(_mm_shuffle_epi8(s, _mm_set_epi64x(hi as i64, lo as i64))) }
+}
+
+/// Q6_K: per 128-weight half, the 64 bytes of `ql` give groups 0|1 (low nibbles) and 2|3
+/// (high nibbles); `qh` is repeated in both 256-bit halves and shifted per half.
+///
+/// # Safety
+/// See `RawKernel` in the parent module; AVX-512 F/BW/VL/VNNI.
+#[inline(always)]
+pub(super) unsafe fn q6_k<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, out: &mut [f32; C]) {
+    unsafe {
+        let mut sumf = [0.0f32; C];
+        let (low4, high2) = (_mm512_set1_epi8(0xF), _mm512_set1_epi8(0x30));
+        // Per 256-bit half: groups 0 | 1 take qh bits 0-1 | 2-3 up to bits 4-5 (<< 4 | << 2);
+        // groups 2 | 3 take bits 4-5 | 6-7 (>> 0 | >> 2).
+        let up = _mm512_inserti64x4::<1>(_mm512_set1_epi16(4), _mm256_set1_epi16(2));
+        let down = _mm512_inserti64x4::<1>(_mm512_setzero_si512(), _mm256_set1_epi16(2));
+        for i in 0..nb {
+            let b = w.as_ptr().add(i * 210);
+            let scales = _mm_loadu_si128(b.add(192).cast());
+            let s16 = _mm256_cvtepi8_epi16(scales);
+            let mut acc = [_mm512_setzero_si512(); C];
+            for h in 0..2 {
+                let ql = load512(b.add(64 * h));
+                let qh = _mm512_broadcast_i64x4(load(b.add(128 + 32 * h)));
+                let g01 = _mm512_or_si512(_mm512_and_si512(ql, low4), _mm512_and_si512(_mm512_sllv_epi16(qh, up), high2));
+                let g23 = _mm512_or_si512(
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(ql), low4),
+                    _mm512_and_si512(_mm512_srlv_epi16(qh, down), high2),
+                );
+                let (s01, s23) = (quad_scales(scales, 8 * h), quad_scales(scales, 8 * h + 4));
+                for c in 0..C {
+                    let p = a[c].as_ptr().add(i * Q8_K_BYTES + Q8_K_QS + 128 * h);
+                    acc[c] = scaled_dot(acc[c], g01, p, s01);
+                    acc[c] = scaled_dot(acc[c], g23, p.add(64), s23);
+                }
+            }
+            let d = f16_at(b.add(208));
+            for c in 0..C {
+                let (p, ad) = q8_k_block(a, c, i);
+                let isum = _mm512_reduce_add_epi32(acc[c]) - 32 * bsum_dot(p, s16);
+                sumf[c] += d * ad * isum as f32;
+            }
+        }
+        *out = sumf;
+    }
+}
+
+/// `[f16 at p0, f16 bits h1, 0, 0]` as f32 (`vcvtph2ps` on a vector fully written first, so no
+/// false dependency).
+///
+/// # Safety
+/// `p0..p0 + 2` readable; F16C.
+#[inline(always)]
+unsafe fn f16_pair(p0: *const u8, h1: u16) -> __m128 {
+    unsafe {
+        let h0 = p0.cast::<u16>().read_unaligned();
+        _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h0) | i32::from(h1) << 16))
+    }
+}
+
+/// Q5_0 with Q8_0 activations, two blocks per step (the last one alone when `nb` is odd, its
+/// upper half zero). `w = q - 16` enters `vpdpbusd` as `|w|`, the activations negated where
+/// `w < 0`.
+///
+/// # Safety
+/// See `RawKernel` in the parent module; AVX-512 F/BW/VL/VNNI.
+#[inline(always)]
+pub(super) unsafe fn q5_0<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, out: &mut [f32; C]) {
+    unsafe {
+        let mut acc = [_mm512_setzero_ps(); C];
+        let (low4, sixteen) = (_mm256_set1_epi8(0xF), _mm512_set1_epi8(16));
+        // Lanes 0..8 take f32 lane 0, lanes 8..16 lane 1.
+        let halves = _mm512_inserti64x4::<1>(_mm512_setzero_si512(), _mm256_set1_epi32(1));
+        for i in (0..nb).step_by(2) {
+            let two = i + 1 < nb;
+            let b0 = w.as_ptr().add(i * 22);
+            let b1 = b0.add(22);
+            let qs0 = _mm_loadu_si128(b0.add(6).cast());
+            let (qs1, qh1, d1) = match two {
+                true => (_mm_loadu_si128(b1.add(6).cast()), b1.add(2).cast::<u32>().read_unaligned(), b1.cast::<u16>().read_unaligned()),
+                false => (_mm_setzero_si128(), 0, 0),
+            };
+            let qs = _mm256_set_m128i(qs1, qs0);
+            let lo = _mm256_and_si256(qs, low4);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(qs), low4);
+            // [lo0, lo1, hi0, hi1] -> [lo0, hi0, lo1, hi1]: elements 0..32 of each block in turn.
+            let nibbles = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+            let nibbles = _mm512_shuffle_i64x2::<0b11_01_10_00>(nibbles, nibbles);
+            let qh = u64::from(b0.add(2).cast::<u32>().read_unaligned()) | u64::from(qh1) << 32;
+            let q = _mm512_sub_epi8(_mm512_mask_blend_epi8(qh, nibbles, _mm512_or_si512(nibbles, sixteen)), sixteen);
+            let u = _mm512_abs_epi8(q);
+            let negative = _mm512_movepi8_mask(q);
+            let dw = f16_pair(b0, d1);
+            for c in 0..C {
+                let p0 = a[c].as_ptr().add(i * 34);
+                let (a1, da1) = match two {
+                    true => (load(p0.add(36)), p0.add(34).cast::<u16>().read_unaligned()),
+                    false => (_mm256_setzero_si256(), 0),
+                };
+                let av = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(load(p0.add(2))), a1);
+                let s = _mm512_mask_sub_epi8(av, negative, _mm512_setzero_si512(), av);
+                let sum = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u, s));
+                let d = _mm_mul_ps(dw, f16_pair(p0, da1));
+                acc[c] = _mm512_fmadd_ps(_mm512_permutexvar_ps(halves, _mm512_castps128_ps512(d)), sum, acc[c]);
+            }
+        }
+        for c in 0..C {
+            out[c] = _mm512_reduce_add_ps(acc[c]);
+        }
+    }
+}
