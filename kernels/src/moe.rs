@@ -235,7 +235,9 @@ pub fn grouped_expert_ffn_quantized<'a>(
     let acts: Vec<QuantizedActivations> = groups
         .par_iter()
         .zip(&hidden)
-        .map(|(g, h)| QuantizedActivations::quantize(g.ffn.down.ty.vec_dot_type(), h, g.route_ids.len(), g.ffn.gate.rows))
+        .map(|(g, h)| {
+            QuantizedActivations::quantize(g.ffn.down.ty.vec_dot_type(), h, g.route_ids.len(), g.ffn.gate.rows)
+        })
         .collect();
 
     // Pass 2: results[route] = down(hidden), one `n_embd` row per route.
@@ -271,7 +273,12 @@ struct ExpertGroup<'a> {
 }
 
 impl<'a> ExpertGroup<'a> {
-    fn gather(ffn: ExpertFfn<'a>, route_ids: Vec<usize>, routes: &[Route], inputs: &QuantizedInputs) -> Result<Self, MoeError> {
+    fn gather(
+        ffn: ExpertFfn<'a>,
+        route_ids: Vec<usize>,
+        routes: &[Route],
+        inputs: &QuantizedInputs,
+    ) -> Result<Self, MoeError> {
         let tokens: Vec<usize> = route_ids.iter().map(|&i| routes[i].token as usize).collect();
         let gate_ty = ffn.gate.ty.vec_dot_type();
         let gate_in = inputs.gather(gate_ty, &tokens).ok_or(MoeError::MissingActivations(gate_ty))?;

@@ -555,7 +555,12 @@ mod tests {
                             let af = dequantize_activations(vt, col, n);
                             let abs: f64 = wf.iter().zip(&af).map(|(&w, &a)| f64::from(w * a).abs()).sum();
                             let diff = f64::from(batch[c] - portable[c]).abs();
-                            assert!(diff <= 1e-5 * abs, "{ty} {isa:?} n={n} column {c}: {} vs {}", batch[c], portable[c]);
+                            assert!(
+                                diff <= 1e-5 * abs,
+                                "{ty} {isa:?} n={n} column {c}: {} vs {}",
+                                batch[c],
+                                portable[c]
+                            );
                         }
                     }
                 }

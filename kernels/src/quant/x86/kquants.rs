@@ -292,10 +292,7 @@ pub(super) unsafe fn q6_k<D: Dot, const C: usize>(w: &[u8], a: &[&[u8]; C], nb: 
                 let groups = [
                     _mm256_or_si256(_mm256_and_si256(ql0, low4), _mm256_and_si256(_mm256_slli_epi16::<4>(qh), high2)),
                     _mm256_or_si256(_mm256_and_si256(ql1, low4), _mm256_and_si256(_mm256_slli_epi16::<2>(qh), high2)),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), low4),
-                        _mm256_and_si256(qh, high2),
-                    ),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), low4), _mm256_and_si256(qh, high2)),
                     _mm256_or_si256(
                         _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), low4),
                         _mm256_and_si256(_mm256_srli_epi16::<2>(qh), high2),

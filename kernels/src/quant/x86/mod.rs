@@ -94,9 +94,8 @@ pub enum X86Isa {
 impl X86Isa {
     /// The best instruction set this CPU supports, if any.
     pub fn detect() -> Option<Self> {
-        let avx2 = is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c");
+        let avx2 =
+            is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
         let vnni = is_x86_feature_detected!("avx512f")
             && is_x86_feature_detected!("avx512bw")
             && is_x86_feature_detected!("avx512vl")
@@ -203,11 +202,11 @@ macro_rules! dispatch_cols {
 }
 
 entry_points!(q2_k, kquants::q2_k);
-entry_points!(q3_k, kquants::q3_k);
+entry_points!(q3_k, kquants::q3_k, wide);
 entry_points!(q4_k, kquants::q4_k, wide);
 entry_points!(q5_k, kquants::q5_k);
 entry_points!(q6_k, kquants::q6_k, wide);
-entry_points!(q4_0, legacy::q4_0);
+entry_points!(q4_0, legacy::q4_0, wide);
 entry_points!(q4_1, legacy::q4_1);
 entry_points!(q5_0, legacy::q5_0, wide);
 entry_points!(q5_1, legacy::q5_1);

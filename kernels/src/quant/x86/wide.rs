@@ -1,14 +1,15 @@
-//! 512-bit AVX-512 VNNI kernels for the types that carry most of a Q4_K_M model's bytes (Q4_K
-//! and Q6_K matrices, Q5_0 expert `down` projections); the other types use the 256-bit kernels.
+//! 512-bit AVX-512 VNNI kernels for the types that carry most of a Q4_K_M or Q3_K_S model's
+//! bytes (Q3_K, Q4_K and Q6_K matrices; Q4_0 and Q5_0, the `down` projections of 896-wide
+//! experts); the other types use the 256-bit kernels.
 //!
 //! Same arithmetic as the 256-bit kernels (see the parent module), 64 weights per instruction:
 //! the k-quants stay bit-identical to the portable kernels; Q5_0 accumulates `(d_w * d_a) *
-//! sum` for two blocks at a time in sixteen f32 lanes (f32 summation order differs from the
+//! sum` for two blocks at a time in sixteen f32 lanes (Q4_0, Q5_0) (f32 summation order differs from the
 //! portable kernel, never with the column count).
 
 use std::arch::x86_64::*;
 
-use super::super::kquants::k4_scales_mins;
+use super::super::kquants::{k4_scales_mins, q3_k_scales};
 use super::kquants::{Q8_K_BYTES, Q8_K_QS, bsum_dot, paired_mins, q8_k_block};
 use super::{f16_at, load};
 
@@ -27,7 +28,9 @@ unsafe fn load512(p: *const u8) -> __m512i {
 /// `a..a + 64` readable; AVX-512 F/VNNI.
 #[inline(always)]
 unsafe fn scaled_dot(acc: __m512i, u: __m512i, a: *const u8, scales: __m512i) -> __m512i {
-    unsafe { _mm512_add_epi32(acc, _mm512_mullo_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u, load512(a)), scales)) }
+    unsafe {
+        _mm512_add_epi32(acc, _mm512_mullo_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u, load512(a)), scales))
+    }
 }
 
 /// Q4_K: per 32-byte chunk `j` of quants, one vector of its 32 low nibbles (sub-block `2j`)
@@ -48,7 +51,10 @@ pub(super) unsafe fn q4_k<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, o
             let mut acc = [_mm512_setzero_si512(); C];
             for j in 0..4 {
                 let q = load(b.add(16 + 32 * j));
-                let u = _mm512_and_si512(_mm512_inserti64x4::<1>(_mm512_castsi256_si512(q), _mm256_srli_epi16::<4>(q)), low4);
+                let u = _mm512_and_si512(
+                    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q), _mm256_srli_epi16::<4>(q)),
+                    low4,
+                );
                 let index = _mm512_inserti64x4::<1>(
                     _mm512_castsi256_si512(_mm256_set1_epi32(2 * j as i32)),
                     _mm256_set1_epi32(2 * j as i32 + 1),
@@ -105,7 +111,8 @@ pub(super) unsafe fn q6_k<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, o
             for h in 0..2 {
                 let ql = load512(b.add(64 * h));
                 let qh = _mm512_broadcast_i64x4(load(b.add(128 + 32 * h)));
-                let g01 = _mm512_or_si512(_mm512_and_si512(ql, low4), _mm512_and_si512(_mm512_sllv_epi16(qh, up), high2));
+                let g01 =
+                    _mm512_or_si512(_mm512_and_si512(ql, low4), _mm512_and_si512(_mm512_sllv_epi16(qh, up), high2));
                 let g23 = _mm512_or_si512(
                     _mm512_and_si512(_mm512_srli_epi16::<4>(ql), low4),
                     _mm512_and_si512(_mm512_srlv_epi16(qh, down), high2),
@@ -141,36 +148,60 @@ unsafe fn f16_pair(p0: *const u8, h1: u16) -> __m128 {
     }
 }
 
-/// Q5_0 with Q8_0 activations, two blocks per step (the last one alone when `nb` is odd, its
-/// upper half zero). `w = q - 16` enters `vpdpbusd` as `|w|`, the activations negated where
-/// `w < 0`.
+/// Q4_0 (18-byte blocks, `w = q - 8`) with Q8_0 activations; see [`signed_pairs`].
+///
+/// # Safety
+/// See `RawKernel` in the parent module; AVX-512 F/BW/VL/VNNI.
+#[inline(always)]
+pub(super) unsafe fn q4_0<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, out: &mut [f32; C]) {
+    unsafe { signed_pairs::<false, C>(w, a, nb, out) }
+}
+
+/// Q5_0 (22-byte blocks, `w = q - 16`) with Q8_0 activations; see [`signed_pairs`].
 ///
 /// # Safety
 /// See `RawKernel` in the parent module; AVX-512 F/BW/VL/VNNI.
 #[inline(always)]
 pub(super) unsafe fn q5_0<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, out: &mut [f32; C]) {
+    unsafe { signed_pairs::<true, C>(w, a, nb, out) }
+}
+
+/// Q4_0 (`FIVE = false`: `d`, 16 bytes of nibbles, `w = q - 8`) or Q5_0 (`FIVE = true`: `d`,
+/// `qh`, nibbles, `w = q - 16`) with Q8_0 activations, two blocks per step (the last one alone
+/// when `nb` is odd, its upper half zero). `w` enters `vpdpbusd` as `|w|`, the activations
+/// negated where `w < 0`.
+///
+/// # Safety
+/// See `RawKernel` in the parent module; AVX-512 F/BW/VL/VNNI.
+#[inline(always)]
+unsafe fn signed_pairs<const FIVE: bool, const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, out: &mut [f32; C]) {
+    let (bytes, qs_at, offset) = if FIVE { (22, 6, 16) } else { (18, 2, 8) };
     unsafe {
         let mut acc = [_mm512_setzero_ps(); C];
-        let (low4, sixteen) = (_mm256_set1_epi8(0xF), _mm512_set1_epi8(16));
+        let (low4, sixteen, offset) = (_mm256_set1_epi8(0xF), _mm512_set1_epi8(16), _mm512_set1_epi8(offset));
         // Lanes 0..8 take f32 lane 0, lanes 8..16 lane 1.
         let halves = _mm512_inserti64x4::<1>(_mm512_setzero_si512(), _mm256_set1_epi32(1));
         for i in (0..nb).step_by(2) {
             let two = i + 1 < nb;
-            let b0 = w.as_ptr().add(i * 22);
-            let b1 = b0.add(22);
-            let qs0 = _mm_loadu_si128(b0.add(6).cast());
-            let (qs1, qh1, d1) = match two {
-                true => (_mm_loadu_si128(b1.add(6).cast()), b1.add(2).cast::<u32>().read_unaligned(), b1.cast::<u16>().read_unaligned()),
-                false => (_mm_setzero_si128(), 0, 0),
+            let b0 = w.as_ptr().add(i * bytes);
+            let b1 = b0.add(bytes);
+            let qs0 = _mm_loadu_si128(b0.add(qs_at).cast());
+            let (qs1, d1) = match two {
+                true => (_mm_loadu_si128(b1.add(qs_at).cast()), b1.cast::<u16>().read_unaligned()),
+                false => (_mm_setzero_si128(), 0),
             };
             let qs = _mm256_set_m128i(qs1, qs0);
             let lo = _mm256_and_si256(qs, low4);
             let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(qs), low4);
             // [lo0, lo1, hi0, hi1] -> [lo0, hi0, lo1, hi1]: elements 0..32 of each block in turn.
             let nibbles = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
-            let nibbles = _mm512_shuffle_i64x2::<0b11_01_10_00>(nibbles, nibbles);
-            let qh = u64::from(b0.add(2).cast::<u32>().read_unaligned()) | u64::from(qh1) << 32;
-            let q = _mm512_sub_epi8(_mm512_mask_blend_epi8(qh, nibbles, _mm512_or_si512(nibbles, sixteen)), sixteen);
+            let mut q = _mm512_shuffle_i64x2::<0b11_01_10_00>(nibbles, nibbles);
+            if FIVE {
+                let qh1 = if two { b1.add(2).cast::<u32>().read_unaligned() } else { 0 };
+                let qh = u64::from(b0.add(2).cast::<u32>().read_unaligned()) | u64::from(qh1) << 32;
+                q = _mm512_mask_blend_epi8(qh, q, _mm512_or_si512(q, sixteen));
+            }
+            let q = _mm512_sub_epi8(q, offset);
             let u = _mm512_abs_epi8(q);
             let negative = _mm512_movepi8_mask(q);
             let dw = f16_pair(b0, d1);
@@ -190,5 +221,49 @@ pub(super) unsafe fn q5_0<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, o
         for c in 0..C {
             out[c] = _mm512_reduce_add_ps(acc[c]);
         }
+    }
+}
+
+/// Q3_K: per 128-weight half, groups `j | j + 1` (`j` = 0, 2) in one vector: the 32 bytes of
+/// `qs` and of `hmask` repeated in both 256-bit halves, shifted per half; `u = q + 4`.
+///
+/// # Safety
+/// See `RawKernel` in the parent module; AVX-512 F/BW/VL/VNNI.
+#[inline(always)]
+pub(super) unsafe fn q3_k<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, out: &mut [f32; C]) {
+    unsafe {
+        let mut sumf = [0.0f32; C];
+        let (low2, one) = (_mm512_set1_epi8(3), _mm512_set1_epi8(1));
+        // Shift counts (in 16-bit lanes) of the lower and upper 256-bit half.
+        let counts = |lo: i16, hi: i16| _mm512_inserti64x4::<1>(_mm512_set1_epi16(lo), _mm256_set1_epi16(hi));
+        let qs_shift = [counts(0, 2), counts(4, 6)];
+        let hm_shift = [[counts(0, 1), counts(2, 3)], [counts(4, 5), counts(6, 7)]];
+        for i in 0..nb {
+            let b = w.as_ptr().add(i * 110);
+            let scales = _mm_loadu_si128(q3_k_scales(&b.add(96).cast::<[u8; 12]>().read_unaligned()).as_ptr().cast());
+            let s16 = _mm256_cvtepi8_epi16(scales);
+            let hm = _mm512_broadcast_i64x4(load(b));
+            let mut acc = [_mm512_setzero_si512(); C];
+            for h in 0..2 {
+                let qs = _mm512_broadcast_i64x4(load(b.add(32 + 32 * h)));
+                for pair in 0..2 {
+                    let low = _mm512_and_si512(_mm512_srlv_epi16(qs, qs_shift[pair]), low2);
+                    let high = _mm512_and_si512(_mm512_srlv_epi16(hm, hm_shift[h][pair]), one);
+                    let u = _mm512_or_si512(low, _mm512_slli_epi16::<2>(high));
+                    let sc = quad_scales(scales, 8 * h + 4 * pair);
+                    for c in 0..C {
+                        let p = a[c].as_ptr().add(i * Q8_K_BYTES + Q8_K_QS + 128 * h + 64 * pair);
+                        acc[c] = scaled_dot(acc[c], u, p, sc);
+                    }
+                }
+            }
+            let d = f16_at(b.add(108));
+            for c in 0..C {
+                let (p, ad) = q8_k_block(a, c, i);
+                let isum = _mm512_reduce_add_epi32(acc[c]) - 4 * bsum_dot(p, s16);
+                sumf[c] += d * ad * isum as f32;
+            }
+        }
+        *out = sumf;
     }
 }
