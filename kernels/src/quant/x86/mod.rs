@@ -210,7 +210,7 @@ entry_points!(q4_0, legacy::q4_0, wide);
 entry_points!(q4_1, legacy::q4_1);
 entry_points!(q5_0, legacy::q5_0, wide);
 entry_points!(q5_1, legacy::q5_1);
-entry_points!(q8_0, legacy::q8_0);
+entry_points!(q8_0, legacy::q8_0, wide);
 
 /// Loads 32 bytes from `p` (no alignment needed).
 ///

@@ -1,11 +1,11 @@
 //! 512-bit AVX-512 VNNI kernels for the types that carry most of a Q4_K_M or Q3_K_S model's
-//! bytes (Q3_K, Q4_K and Q6_K matrices; Q4_0 and Q5_0, the `down` projections of 896-wide
-//! experts); the other types use the 256-bit kernels.
+//! bytes: Q3_K, Q4_K, Q6_K, and the 32-element Q4_0, Q5_0, Q8_0 (the `down` projections of
+//! 896-wide experts fall back to them). The other types use the 256-bit kernels.
 //!
 //! Same arithmetic as the 256-bit kernels (see the parent module), 64 weights per instruction:
-//! the k-quants stay bit-identical to the portable kernels; Q5_0 accumulates `(d_w * d_a) *
-//! sum` for two blocks at a time in sixteen f32 lanes (Q4_0, Q5_0) (f32 summation order differs from the
-//! portable kernel, never with the column count).
+//! the k-quants stay bit-identical to the portable kernels; the 32-element types accumulate
+//! `(d_w * d_a) * sum` for two blocks at a time in sixteen f32 lanes (f32 summation order
+//! differs from the portable kernel, never with the column count).
 
 use std::arch::x86_64::*;
 
@@ -154,7 +154,7 @@ unsafe fn f16_pair(p0: *const u8, h1: u16) -> __m128 {
 /// See `RawKernel` in the parent module; AVX-512 F/BW/VL/VNNI.
 #[inline(always)]
 pub(super) unsafe fn q4_0<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, out: &mut [f32; C]) {
-    unsafe { signed_pairs::<false, C>(w, a, nb, out) }
+    unsafe { signed_pairs::<Q4_0, C>(w, a, nb, out) }
 }
 
 /// Q5_0 (22-byte blocks, `w = q - 16`) with Q8_0 activations; see [`signed_pairs`].
@@ -163,19 +163,38 @@ pub(super) unsafe fn q4_0<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, o
 /// See `RawKernel` in the parent module; AVX-512 F/BW/VL/VNNI.
 #[inline(always)]
 pub(super) unsafe fn q5_0<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, out: &mut [f32; C]) {
-    unsafe { signed_pairs::<true, C>(w, a, nb, out) }
+    unsafe { signed_pairs::<Q5_0, C>(w, a, nb, out) }
 }
 
-/// Q4_0 (`FIVE = false`: `d`, 16 bytes of nibbles, `w = q - 8`) or Q5_0 (`FIVE = true`: `d`,
-/// `qh`, nibbles, `w = q - 16`) with Q8_0 activations, two blocks per step (the last one alone
-/// when `nb` is odd, its upper half zero). `w` enters `vpdpbusd` as `|w|`, the activations
+/// Q8_0 (34-byte blocks, 32 signed quants) with Q8_0 activations; see [`signed_pairs`].
+///
+/// # Safety
+/// See `RawKernel` in the parent module; AVX-512 F/BW/VL/VNNI.
+#[inline(always)]
+pub(super) unsafe fn q8_0<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, out: &mut [f32; C]) {
+    unsafe { signed_pairs::<Q8_0, C>(w, a, nb, out) }
+}
+
+/// [`signed_pairs`] on Q4_0 blocks: `d`, 16 bytes of nibbles; `w = q - 8`.
+const Q4_0: u8 = 0;
+/// [`signed_pairs`] on Q5_0 blocks: `d`, `qh`, 16 bytes of nibbles; `w = q - 16`.
+const Q5_0: u8 = 1;
+/// [`signed_pairs`] on Q8_0 blocks: `d`, 32 signed quants.
+const Q8_0: u8 = 2;
+
+/// Q4_0, Q5_0 or Q8_0 weights (`TYPE`) with Q8_0 activations, two blocks per step (the last one
+/// alone when `nb` is odd, its upper half zero). `w` enters `vpdpbusd` as `|w|`, the activations
 /// negated where `w < 0`.
 ///
 /// # Safety
 /// See `RawKernel` in the parent module; AVX-512 F/BW/VL/VNNI.
 #[inline(always)]
-unsafe fn signed_pairs<const FIVE: bool, const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, out: &mut [f32; C]) {
-    let (bytes, qs_at, offset) = if FIVE { (22, 6, 16) } else { (18, 2, 8) };
+unsafe fn signed_pairs<const TYPE: u8, const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, out: &mut [f32; C]) {
+    let (bytes, qs_at, offset) = match TYPE {
+        Q4_0 => (18, 2, 8),
+        Q5_0 => (22, 6, 16),
+        _ => (34, 2, 0),
+    };
     unsafe {
         let mut acc = [_mm512_setzero_ps(); C];
         let (low4, sixteen, offset) = (_mm256_set1_epi8(0xF), _mm512_set1_epi8(16), _mm512_set1_epi8(offset));
@@ -185,22 +204,27 @@ unsafe fn signed_pairs<const FIVE: bool, const C: usize>(w: &[u8], a: &[&[u8]; C
             let two = i + 1 < nb;
             let b0 = w.as_ptr().add(i * bytes);
             let b1 = b0.add(bytes);
-            let qs0 = _mm_loadu_si128(b0.add(qs_at).cast());
-            let (qs1, d1) = match two {
-                true => (_mm_loadu_si128(b1.add(qs_at).cast()), b1.cast::<u16>().read_unaligned()),
-                false => (_mm_setzero_si128(), 0),
+            let d1 = if two { b1.cast::<u16>().read_unaligned() } else { 0 };
+            let q = if TYPE == Q8_0 {
+                let q1 = if two { load(b1.add(qs_at)) } else { _mm256_setzero_si256() };
+                _mm512_inserti64x4::<1>(_mm512_castsi256_si512(load(b0.add(qs_at))), q1)
+            } else {
+                let qs0 = _mm_loadu_si128(b0.add(qs_at).cast());
+                let qs1 = if two { _mm_loadu_si128(b1.add(qs_at).cast()) } else { _mm_setzero_si128() };
+                let qs = _mm256_set_m128i(qs1, qs0);
+                let lo = _mm256_and_si256(qs, low4);
+                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(qs), low4);
+                // [lo0, lo1, hi0, hi1] -> [lo0, hi0, lo1, hi1]: elements 0..32 of each block.
+                let nibbles = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+                let q = _mm512_shuffle_i64x2::<0b11_01_10_00>(nibbles, nibbles);
+                if TYPE == Q5_0 {
+                    let qh1 = if two { b1.add(2).cast::<u32>().read_unaligned() } else { 0 };
+                    let qh = u64::from(b0.add(2).cast::<u32>().read_unaligned()) | u64::from(qh1) << 32;
+                    _mm512_mask_blend_epi8(qh, q, _mm512_or_si512(q, sixteen))
+                } else {
+                    q
+                }
             };
-            let qs = _mm256_set_m128i(qs1, qs0);
-            let lo = _mm256_and_si256(qs, low4);
-            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(qs), low4);
-            // [lo0, lo1, hi0, hi1] -> [lo0, hi0, lo1, hi1]: elements 0..32 of each block in turn.
-            let nibbles = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
-            let mut q = _mm512_shuffle_i64x2::<0b11_01_10_00>(nibbles, nibbles);
-            if FIVE {
-                let qh1 = if two { b1.add(2).cast::<u32>().read_unaligned() } else { 0 };
-                let qh = u64::from(b0.add(2).cast::<u32>().read_unaligned()) | u64::from(qh1) << 32;
-                q = _mm512_mask_blend_epi8(qh, q, _mm512_or_si512(q, sixteen));
-            }
             let q = _mm512_sub_epi8(q, offset);
             let u = _mm512_abs_epi8(q);
             let negative = _mm512_movepi8_mask(q);
