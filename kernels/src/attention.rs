@@ -1,6 +1,8 @@
 //! Scaled dot-product attention of one query token over rows of a KV cache, with grouped-query
 //! heads (Ainslie et al. 2023). Query head `h` reads KV head `h / (n_head / n_head_kv)`, as ggml's
-//! broadcasting `mul_mat` does in llama.cpp's `build_attn_mha`.
+//! broadcasting `mul_mat` does in llama.cpp's `build_attn_mha`. One call covers one KV head and
+//! its group of query heads, so that a single token's attention (decoding) splits over
+//! `n_head_kv` threads, and each call reads only its head's part of the cache rows.
 
 use crate::quant::GgmlType;
 
@@ -40,6 +42,23 @@ impl KvRows<'_> {
         let rb = self.row_bytes();
         self.ty.dequantize_row(&self.data[slot * rb..(slot + 1) * rb], out);
     }
+
+    /// Elements `elems` of row `slot`, decoded: only those blocks when the range is
+    /// block-aligned, else the whole row into `buf` (`row_elems` long) and the range of it.
+    fn read_range<'b>(&self, slot: usize, elems: std::ops::Range<usize>, buf: &'b mut [f32]) -> &'b [f32] {
+        let block = self.ty.block_size();
+        if elems.start.is_multiple_of(block) && elems.len().is_multiple_of(block) {
+            let rb = self.row_bytes();
+            let start = slot * rb + elems.start / block * self.ty.type_size();
+            let len = elems.len();
+            let bytes = &self.data[start..start + len / block * self.ty.type_size()];
+            self.ty.dequantize_row(bytes, &mut buf[..len]);
+            &buf[..len]
+        } else {
+            self.read(slot, buf);
+            &buf[elems]
+        }
+    }
 }
 
 /// Reusable buffers of [`attend`] (one per thread).
@@ -49,13 +68,16 @@ pub struct AttentionScratch {
     row: Vec<f32>,
 }
 
-/// Attention output of one query token.
+/// Attention output of one query token for the query heads of KV head `kv_head`.
 ///
-/// `q` is `[n_head, head_dim]`; `slots` lists the cache rows the token may see (any order; the
-/// softmax is over all of them); `out` receives `[n_head, head_dim]`. Scores and the softmax are
-/// f32 with the maximum subtracted; the softmax denominator accumulates in f64 as ggml's does.
+/// `q` is `[group, head_dim]` with `group = n_head / n_head_kv`: query heads `kv_head * group ..
+/// (kv_head + 1) * group` of the token; `slots` lists the cache rows the token may see (any
+/// order; the softmax is over all of them); `out` receives `[group, head_dim]`. Scores and the
+/// softmax are f32 with the maximum subtracted; the softmax denominator accumulates in f64 as
+/// ggml's does.
 pub fn attend(
     shape: AttentionShape,
+    kv_head: usize,
     q: &[f32],
     keys: KvRows<'_>,
     values: KvRows<'_>,
@@ -66,9 +88,9 @@ pub fn attend(
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") {
         // SAFETY: AVX2 is present.
-        return unsafe { attend_avx2(shape, q, keys, values, slots, scratch, out) };
+        return unsafe { attend_avx2(shape, kv_head, q, keys, values, slots, scratch, out) };
     }
-    attend_body(shape, q, keys, values, slots, scratch, out);
+    attend_body(shape, kv_head, q, keys, values, slots, scratch, out);
 }
 
 /// [`attend`] compiled for AVX2 (the same operations in the same order: bit-identical results,
@@ -80,6 +102,7 @@ pub fn attend(
 #[target_feature(enable = "avx2")]
 unsafe fn attend_avx2(
     shape: AttentionShape,
+    kv_head: usize,
     q: &[f32],
     keys: KvRows<'_>,
     values: KvRows<'_>,
@@ -87,13 +110,14 @@ unsafe fn attend_avx2(
     scratch: &mut AttentionScratch,
     out: &mut [f32],
 ) {
-    attend_body(shape, q, keys, values, slots, scratch, out);
+    attend_body(shape, kv_head, q, keys, values, slots, scratch, out);
 }
 
 /// The body of [`attend`], inlined into each build.
 #[inline(always)]
 fn attend_body(
     shape: AttentionShape,
+    kv_head: usize,
     q: &[f32],
     keys: KvRows<'_>,
     values: KvRows<'_>,
@@ -103,18 +127,18 @@ fn attend_body(
 ) {
     let AttentionShape { n_head, n_head_kv, head_dim, scale } = shape;
     let group = n_head / n_head_kv;
+    assert!(kv_head < n_head_kv, "KV head {kv_head} of {n_head_kv}");
+    assert!(q.len() == group * head_dim && out.len() == group * head_dim, "q and out must be [{group}, {head_dim}]");
     let n = slots.len();
     assert!(n > 0, "a query must see at least its own key");
-    scratch.scores.resize(n_head * n, 0.0);
-    scratch.row.resize(n_head_kv * head_dim, 0.0);
+    scratch.scores.resize(group * n, 0.0);
+    scratch.row.resize(keys.row_elems.max(values.row_elems), 0.0);
     let scores = &mut scratch.scores;
-    let row = &mut scratch.row;
+    let head = kv_head * head_dim..(kv_head + 1) * head_dim;
 
     for (j, &slot) in slots.iter().enumerate() {
-        keys.read(slot, row);
-        for h in 0..n_head {
-            let k = &row[(h / group) * head_dim..(h / group + 1) * head_dim];
-            let qh = &q[h * head_dim..(h + 1) * head_dim];
+        let k = keys.read_range(slot, head.clone(), &mut scratch.row);
+        for (h, qh) in q.chunks_exact(head_dim).enumerate() {
             scores[h * n + j] = dot(qh, k) * scale;
         }
     }
@@ -130,11 +154,10 @@ fn attend_body(
     }
     out.fill(0.0);
     for (j, &slot) in slots.iter().enumerate() {
-        values.read(slot, row);
-        for h in 0..n_head {
+        let v = values.read_range(slot, head.clone(), &mut scratch.row);
+        for (h, o) in out.chunks_exact_mut(head_dim).enumerate() {
             let p = scores[h * n + j];
-            let v = &row[(h / group) * head_dim..(h / group + 1) * head_dim];
-            for (o, &x) in out[h * head_dim..(h + 1) * head_dim].iter_mut().zip(v) {
+            for (o, &x) in o.iter_mut().zip(v) {
                 *o += p * x;
             }
         }
@@ -195,7 +218,10 @@ mod tests {
         let values = KvRows { ty: GgmlType::F32, row_elems: 6, data: &vb };
         let slots = [4usize, 0, 2];
         let mut out = vec![0.0; 12];
-        attend(shape, &q, keys, values, &slots, &mut AttentionScratch::default(), &mut out);
+        let mut scratch = AttentionScratch::default();
+        for (kv_head, (q, out)) in q.chunks(6).zip(out.chunks_mut(6)).enumerate() {
+            attend(shape, kv_head, q, keys, values, &slots, &mut scratch, out);
+        }
         for h in 0..4 {
             let kvh = h / 2;
             let s: Vec<f64> = slots

@@ -156,13 +156,16 @@ impl Model {
                 scale: 1.0 / (hd as f32).sqrt(),
             };
             let caches: Vec<&KvCache> = seqs.iter().map(|s| &*s.kv).collect();
-            attn.par_chunks_mut(n_q).zip(q.par_chunks(n_q)).zip(rows.par_iter()).for_each_init(
+            // One work item per (token, KV head): its group of query heads.
+            let per_kv_head = n_q / c.n_head_kv;
+            attn.par_chunks_mut(per_kv_head).zip(q.par_chunks(per_kv_head)).enumerate().for_each_init(
                 || (AttentionScratch::default(), Vec::new()),
-                |(scratch, slots), ((out, qt), &(s, pos))| {
+                |(scratch, slots), (i, (out, qt))| {
+                    let (s, pos) = rows[i / c.n_head_kv];
                     let cache = caches[s];
                     let (keys, values) = cache.rows(il);
                     cache.visible_slots(il, pos, slots);
-                    attend(shape, qt, keys, values, slots, scratch, out);
+                    attend(shape, i % c.n_head_kv, qt, keys, values, slots, scratch, out);
                 },
             );
             matmul_f32(&self.matrix(&l.attn_output), &attn, n, &mut proj);
