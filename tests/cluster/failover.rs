@@ -89,10 +89,10 @@ async fn stream_greedy(server: &Server, at_first_token: impl FnOnce()) -> Stream
                     out.max_gap = out.max_gap.max(last.elapsed());
                 }
             }
-            if !out.tokens.is_empty() {
-                if let Some(hook) = hook.take() {
-                    hook();
-                }
+            if !out.tokens.is_empty()
+                && let Some(hook) = hook.take()
+            {
+                hook();
             }
         }
     }
