@@ -1,11 +1,14 @@
 //! Distributed experts with real `moeshard-worker` processes on loopback: output equal to one
 //! machine, one round trip per (layer, involved worker) per step, bounded bytes per token,
-//! weight caching, authentication, and mDNS discovery inside a network namespace.
+//! weight caching, authentication, and mDNS discovery inside a network namespace; failover and
+//! restarts in `failover`.
+
+mod failover;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use moeshard::cluster::{Cluster, ClusterExperts, ClusterOptions, Placement};
+use moeshard::cluster::{Cluster, ClusterExperts, ClusterOptions, DeadlineBounds, Placement};
 use moeshard::experts::{ExpertBackend, LocalExperts};
 use moeshard::kv_cache::KvType;
 use moeshard::model::{Logits, Model};
@@ -39,7 +42,7 @@ fn options(workers: &[&Worker], placement: Option<std::path::PathBuf>) -> Cluste
         discovery: false,
         discovery_timeout: Duration::ZERO,
         placement,
-        deadline: Duration::from_secs(20),
+        deadline: DeadlineBounds { min: Duration::from_secs(20), max: Duration::from_secs(20) },
     }
 }
 
@@ -68,7 +71,7 @@ fn distributed_equals_single_node(name: &str) {
     let cluster = Cluster::start(model.clone(), &options(&[&w1, &w2], Some(placement_file.clone()))).unwrap();
     std::fs::remove_file(&placement_file).ok();
     assert!(cluster.placement.experts_of(0).is_empty(), "the coordinator keeps no experts");
-    assert_eq!(cluster.experts.links().len(), 2);
+    assert_eq!(cluster.experts.members().len(), 2);
     let recording = Arc::new(Recording { inner: cluster.experts.clone(), calls: Mutex::new(Vec::new()) });
 
     let mut single =
@@ -103,9 +106,10 @@ fn distributed_equals_single_node(name: &str) {
         }
     }
     let runtime = cluster.experts.runtime().clone();
-    for (i, (link, stats)) in cluster.experts.links().iter().zip(cluster.experts.stats()).enumerate() {
+    for (i, member) in cluster.experts.members().iter().enumerate() {
+        let link = member.link().expect("no worker was lost");
         let remote = runtime.block_on(link.remote_stats()).unwrap();
-        let local = stats.snapshot();
+        let local = member.stats().snapshot();
         assert_eq!(remote.batches, expected[i], "worker {} round trips", link.name());
         assert_eq!(local.round_trips, expected[i]);
         assert_eq!(local.failures, 0);
@@ -137,7 +141,7 @@ fn second_run_ships_no_weights() {
     std::fs::write(&placement, "* 0-5 w\n").unwrap();
     let shipped = |w: &Worker| {
         let cluster = Cluster::start(model.clone(), &options(&[w], Some(placement.clone()))).unwrap();
-        let s = cluster.experts.stats()[0].snapshot();
+        let s = cluster.experts.members()[0].stats().snapshot();
         assert!(s.experts > 0, "the worker got experts");
         s.shipped_bytes
     };
@@ -159,7 +163,7 @@ fn worker_with_another_key_is_never_used() {
     let good = Worker::start("good", KEY, &d1.0, &[]);
     let mut bad = Worker::start("bad", "another-cluster-key-fedcba9876543210", &d2.0, &[]);
     let cluster = Cluster::start(model, &options(&[&good, &bad], None)).unwrap();
-    let names: Vec<&str> = cluster.experts.links().iter().map(|l| l.name()).collect();
+    let names: Vec<&str> = cluster.experts.members().iter().map(|m| m.name()).collect();
     assert_eq!(names, ["good"]);
     assert!(cluster.placement.experts_of(2).is_empty());
     assert!(bad.is_running(), "a failed handshake does not stop the worker");
@@ -186,10 +190,10 @@ fn client_without_the_key_gets_nothing_and_worker_keeps_serving() {
     assert!(worker.is_running());
     let model = Arc::new(Model::load(model_path("tiny-mellum-q8_0")).unwrap());
     let cluster = Cluster::start(model.clone(), &options(&[&worker], None)).unwrap();
-    assert_eq!(cluster.experts.links().len(), 1);
+    assert_eq!(cluster.experts.members().len(), 1);
     let mut s = Session::new(model, cluster.experts.clone(), 64, KvType::F32, KvType::F32).unwrap();
     s.eval(&[1, 2, 3], Logits::Last).unwrap();
-    assert!(cluster.experts.stats()[0].snapshot().round_trips > 0, "the worker served the coordinator");
+    assert!(cluster.experts.members()[0].stats().snapshot().round_trips > 0, "the worker served the coordinator");
 }
 
 /// Inside a fresh network namespace with only loopback (multicast on), a worker announcing over

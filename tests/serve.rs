@@ -9,7 +9,7 @@ use moeshard::tokenizer::Tokenizer;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::util::{Server, TempDir, Worker, model_path, reference, u32s};
+use crate::util::{Server, TempDir, Worker, metric, model_path, reference, u32s};
 
 const MODEL: &str = "tiny-mellum-q8_0";
 /// The conformance rule's greedy margin for quantized files (tests/fixtures/README.md).
@@ -526,11 +526,6 @@ async fn concurrent_greedy_streams_match_solo_runs() {
     for (i, (alone, with_others)) in solo.iter().zip(together).enumerate() {
         assert_eq!(&with_others.expect("stream task"), alone, "stream {i} differs when run with 7 others");
     }
-}
-
-/// The value of a metric line `name` (with its labels) in a Prometheus page.
-fn metric(page: &str, name: &str) -> Option<f64> {
-    page.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -40,17 +40,23 @@ pub fn temp_path(tag: &str) -> PathBuf {
     std::env::temp_dir().join(format!("moeshard-test-{}-{n}-{tag}", std::process::id()))
 }
 
-/// Runs the `moeshard` binary with `args`, killing it after `timeout`. Output is drained by
-/// reader threads, so a chatty child never blocks on a full pipe.
+/// Runs the `moeshard` binary with `args`, killing it after `timeout`.
 pub fn moeshard(args: &[&str], timeout: Duration) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_moeshard"));
+    cmd.args(args);
+    run_with_timeout(cmd, timeout)
+}
+
+/// Runs `cmd` to its end, killing it (and panicking with its stderr) after `timeout`. Output is
+/// drained by reader threads, so a chatty child never blocks on a full pipe.
+pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Output {
     use std::io::Read;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_moeshard"))
-        .args(args)
+    let mut child = cmd
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .expect("spawn moeshard");
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
     let drain = |mut r: Box<dyn Read + Send>| {
         std::thread::spawn(move || {
             let mut buf = Vec::new();
@@ -69,11 +75,17 @@ pub fn moeshard(args: &[&str], timeout: Duration) -> Output {
             let _ = child.kill();
             let _ = child.wait();
             let err = stderr.join().unwrap_or_default();
-            panic!("moeshard {args:?} timed out after {timeout:?}; stderr: {}", String::from_utf8_lossy(&err));
+            panic!("{cmd:?} timed out after {timeout:?}; stderr: {}", String::from_utf8_lossy(&err));
         }
         std::thread::sleep(Duration::from_millis(20));
     };
     Output { status, stdout: stdout.join().unwrap_or_default(), stderr: stderr.join().unwrap_or_default() }
+}
+
+/// Sends `signal` (a name such as `KILL`, `STOP`, `CONT`) to process `pid` with kill(1).
+pub fn send_signal(pid: u32, signal: &str) {
+    let status = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().expect("kill(1)");
+    assert!(status.success(), "kill -{signal} {pid} failed");
 }
 
 /// Path of a binary built next to `moeshard` (e.g. `moeshard-worker`, built by
@@ -96,12 +108,19 @@ impl Worker {
     /// Starts `moeshard-worker --listen 127.0.0.1:0 --no-mdns --name NAME --cache-dir DIR` with
     /// `key` and waits (at most 60 s) for its `listening on ADDR` line.
     pub fn start(name: &str, key: &str, cache_dir: &std::path::Path, extra: &[&str]) -> Worker {
+        Worker::start_on("127.0.0.1:0", name, key, cache_dir, extra)
+    }
+
+    /// [`Worker::start`] listening on `listen` (e.g. the address of a worker that was killed).
+    pub fn start_on(listen: &str, name: &str, key: &str, cache_dir: &std::path::Path, extra: &[&str]) -> Worker {
         let mut cmd = Command::new(sibling_binary("moeshard-worker"));
-        cmd.args(["--listen", "127.0.0.1:0", "--no-mdns", "--name", name, "--threads", "1"])
-            .arg("--cache-dir")
-            .arg(cache_dir)
-            .args(extra)
-            .env("MOESHARD_CLUSTER_KEY", key);
+        cmd.args(worker_args(listen, name, cache_dir, extra)).env("MOESHARD_CLUSTER_KEY", key);
+        Worker::launch(cmd, name)
+    }
+
+    /// Runs `cmd`, which must end up exec-ing a worker (e.g. through `unshare`), and waits (at
+    /// most 60 s) for its `listening on ADDR` line.
+    pub fn launch(cmd: Command, name: &str) -> Worker {
         let (child, rest) = spawn_listening(cmd, &format!("worker {name}"));
         let addr = rest
             .split_whitespace()
@@ -111,10 +130,24 @@ impl Worker {
         Worker { child, addr }
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
+}
+
+/// The arguments [`Worker::start_on`] passes to `moeshard-worker` (one compute thread, no mDNS).
+pub fn worker_args(listen: &str, name: &str, cache_dir: &std::path::Path, extra: &[&str]) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> =
+        ["--listen", listen, "--no-mdns", "--name", name, "--threads", "1", "--cache-dir"].map(Into::into).into();
+    args.push(cache_dir.into());
+    args.extend(extra.iter().map(Into::into));
+    args
 }
 
 impl Drop for Worker {
@@ -142,6 +175,11 @@ impl Drop for TempDir {
     }
 }
 
+/// The value of the Prometheus sample `name` (with its labels, e.g. `m{worker="w1"}`) on `page`.
+pub fn metric(page: &str, name: &str) -> Option<f64> {
+    page.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 /// A `moeshard serve` process on loopback, killed on drop.
 pub struct Server {
     child: std::process::Child,
@@ -161,6 +199,12 @@ impl Server {
             .args(extra);
         let (child, url) = spawn_listening(cmd, "moeshard serve");
         Server { child, url: url.trim().to_owned() }
+    }
+
+    /// Kills the server at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

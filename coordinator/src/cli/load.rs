@@ -3,12 +3,13 @@
 
 use std::io::IsTerminal;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::{ClusterArgs, ModelArgs};
-use crate::cluster::{Cluster, ClusterExperts, ClusterOptions};
+use crate::cluster::{Cluster, ClusterExperts, ClusterOptions, DeadlineBounds};
 use crate::experts::{ExpertBackend, LocalExperts};
 use crate::gguf::GgufFile;
 use crate::model::Model;
@@ -72,9 +73,12 @@ fn start_cluster(model: &Arc<Model>, args: &ClusterArgs) -> anyhow::Result<Optio
         key,
         workers: args.workers.clone(),
         discovery: !args.no_discovery,
-        discovery_timeout: std::time::Duration::from_millis(args.discovery_ms),
+        discovery_timeout: Duration::from_millis(args.discovery_ms),
         placement: args.placement.clone(),
-        deadline: std::time::Duration::from_millis(args.worker_timeout_ms),
+        deadline: DeadlineBounds {
+            min: Duration::from_millis(args.worker_timeout_min_ms),
+            max: Duration::from_millis(args.worker_timeout_ms),
+        },
     };
     Ok(Some(Cluster::start(model.clone(), &opts)?.experts))
 }

@@ -78,10 +78,17 @@ pub struct ClusterArgs {
     /// `local` or a worker's name); unlisted experts stay on the coordinator.
     #[arg(long = "placement")]
     pub placement: Option<std::path::PathBuf>,
-    /// Deadline of one expert round trip to a worker, in milliseconds; a worker that misses it
-    /// is dropped and its experts computed here.
+    /// Longest deadline of one expert round trip to a worker, in milliseconds, and the one used
+    /// until the worker answered a batch. The deadline adapts to the worker's measured round
+    /// trips (three predicted round trips for the batch's size) between this and
+    /// --worker-timeout-min-ms. A worker that misses it is lost: its experts are computed here
+    /// and it is reconnected in the background.
     #[arg(long = "worker-timeout-ms", default_value_t = 10_000)]
     pub worker_timeout_ms: u64,
+    /// Shortest deadline of one expert round trip to a worker, in milliseconds: what a fast
+    /// worker gets, so that a scheduling hiccup does not count as a loss.
+    #[arg(long = "worker-timeout-min-ms", default_value_t = 250)]
+    pub worker_timeout_min_ms: u64,
 }
 
 fn parse_kv_type(s: &str) -> Result<KvType, String> {

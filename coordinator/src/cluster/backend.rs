@@ -5,68 +5,57 @@
 //! local kernel would quantize them; each involved worker gets ONE message with the rows of the
 //! tokens routed to it and their (expert, weight) lists; the local experts are computed while
 //! the workers work; the partial sums are added in a fixed order (coordinator, then workers by
-//! index), so a run is reproducible. A worker that fails or misses the deadline has its share
-//! computed here from the mapped file (same kernels, same quantized inputs: the same numbers), and
-//! its experts move to the coordinator.
+//! index), so a run is reproducible. Shares follow the placement fixed at start-up whoever
+//! computes them: a lost worker's share is computed here from the mapped file (same kernels, same
+//! quantized inputs: the same numbers, added at the same place in the sum), so the output does not
+//! depend on which workers are up. A round trip that fails or misses its deadline marks the worker
+//! lost (see [`Member`]); while it is lost no batch is sent to it and nothing waits on it.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use moeshard_kernels::moe::{QuantizedInputs, Route, grouped_expert_ffn_quantized};
 use moeshard_protocol::data::{ActivationRows, ExpertBatch, WireRoute};
 
-use super::link::WorkerLink;
+use super::deadline::DeadlineBounds;
+use super::member::Member;
 use super::placement::Placement;
-use super::stats::LinkStats;
 use crate::experts::ExpertBackend;
 use crate::model::Model;
 
 /// Experts spread over the coordinator (node 0) and workers (nodes 1..).
 pub struct ClusterExperts {
     model: Arc<Model>,
-    placement: RwLock<Placement>,
-    links: Vec<Arc<WorkerLink>>,
-    stats: Vec<Arc<LinkStats>>,
-    lost: Vec<AtomicBool>,
+    placement: Placement,
+    members: Vec<Arc<Member>>,
     runtime: Arc<tokio::runtime::Runtime>,
     step: AtomicU64,
-    deadline: Duration,
+    bounds: DeadlineBounds,
 }
 
 impl ClusterExperts {
-    /// A backend over connected `links` (node `i + 1` is `links[i]`) with `placement`; round
-    /// trips run on `runtime` and give up after `deadline`.
-    pub fn new(
+    /// A backend over `members` (node `i + 1` is `members[i]`) with `placement`; round trips run
+    /// on `runtime` with deadlines within `bounds`.
+    pub(crate) fn new(
         model: Arc<Model>,
         placement: Placement,
-        links: Vec<Arc<WorkerLink>>,
-        stats: Vec<Arc<LinkStats>>,
+        members: Vec<Arc<Member>>,
         runtime: Arc<tokio::runtime::Runtime>,
-        deadline: Duration,
+        bounds: DeadlineBounds,
     ) -> Self {
-        let lost = links.iter().map(|_| AtomicBool::new(false)).collect();
-        ClusterExperts {
-            model,
-            placement: RwLock::new(placement),
-            links,
-            stats,
-            lost,
-            runtime,
-            step: AtomicU64::new(0),
-            deadline,
-        }
+        ClusterExperts { model, placement, members, runtime, step: AtomicU64::new(0), bounds }
     }
 
-    /// The workers, in node order (node `i + 1` is element `i`).
-    pub fn links(&self) -> &[Arc<WorkerLink>] {
-        &self.links
+    /// The workers, in node order (node `i + 1` is element `i`), connected or not.
+    pub fn members(&self) -> &[Arc<Member>] {
+        &self.members
     }
 
-    /// Each worker's traffic counters, in node order.
-    pub fn stats(&self) -> &[Arc<LinkStats>] {
-        &self.stats
+    /// The placement (node 0 = the coordinator, node `i + 1` = `members()[i]`).
+    pub fn placement(&self) -> &Placement {
+        &self.placement
     }
 
     /// The runtime the links live on.
@@ -105,17 +94,14 @@ impl ExpertBackend for ClusterExperts {
         let inputs = QuantizedInputs::quantize(hidden, n_embd, types);
 
         let mut shares: BTreeMap<usize, NodeShare> = BTreeMap::new();
-        {
-            let placement = self.placement.read().unwrap_or_else(|e| e.into_inner());
-            for r in routes {
-                let node = placement.owner(layer, r.expert as usize);
-                let share = shares.entry(node).or_insert_with(|| NodeShare {
-                    tokens: Vec::new(),
-                    routes: Vec::new(),
-                    global: Vec::new(),
-                });
-                share.global.push(*r);
-            }
+        for r in routes {
+            let node = self.placement.owner(layer, r.expert as usize);
+            let share = shares.entry(node).or_insert_with(|| NodeShare {
+                tokens: Vec::new(),
+                routes: Vec::new(),
+                global: Vec::new(),
+            });
+            share.global.push(*r);
         }
         for share in shares.values_mut() {
             share.tokens = share.global.iter().map(|r| r.token as usize).collect();
@@ -129,8 +115,10 @@ impl ExpertBackend for ClusterExperts {
         }
 
         let step = self.step.fetch_add(1, Ordering::Relaxed);
-        let mut pending = Vec::new();
+        let mut pending = BTreeMap::new();
         for (&node, share) in shares.iter().filter(|(n, _)| **n > 0) {
+            let member = &self.members[node - 1];
+            let Some(link) = member.link() else { continue };
             let batch = ExpertBatch {
                 step,
                 layer: layer as u32,
@@ -151,11 +139,11 @@ impl ExpertBackend for ClusterExperts {
                     .collect(),
             };
             let payload = batch.encode().map_err(|e| anyhow::anyhow!("encoding a batch for layer {layer}: {e}"))?;
-            let link = self.links[node - 1].clone();
-            let deadline = self.deadline;
+            let deadline = member.deadline(share.tokens.len(), self.bounds);
             let started = Instant::now();
-            let handle = self.runtime.spawn(async move { link.round_trip(&payload, deadline).await });
-            pending.push((node, handle, started));
+            let remote = link.clone();
+            let handle = self.runtime.spawn(async move { remote.round_trip(&payload, deadline).await });
+            pending.insert(node, (link, handle, started));
         }
 
         match shares.get(&0) {
@@ -164,39 +152,39 @@ impl ExpertBackend for ClusterExperts {
         }
 
         let mut scratch = vec![0.0f32; out.len()];
-        for (node, handle, started) in pending {
-            let share = &shares[&node];
-            let result = self.runtime.block_on(handle).map_err(anyhow::Error::from).and_then(|r| r);
-            match result {
-                Ok((sums, bytes_out, bytes_in))
-                    if sums.step == step
-                        && sums.layer as usize == layer
-                        && sums.n_tokens as usize == share.tokens.len() =>
-                {
-                    self.stats[node - 1].record(
-                        layer,
-                        bytes_out,
-                        bytes_in,
-                        share.tokens.len() as u64,
-                        started.elapsed(),
-                    );
+        for (&node, share) in shares.iter().filter(|(n, _)| **n > 0) {
+            let member = &self.members[node - 1];
+            let answered = pending.remove(&node).and_then(|(link, handle, started)| {
+                let result = self.runtime.block_on(handle).map_err(anyhow::Error::from).and_then(|r| r);
+                match result {
+                    Ok((sums, bytes_out, bytes_in))
+                        if sums.step == step
+                            && sums.layer as usize == layer
+                            && sums.n_tokens as usize == share.tokens.len() =>
+                    {
+                        let rtt = started.elapsed();
+                        member.stats().record(layer, bytes_out, bytes_in, share.tokens.len() as u64, rtt);
+                        member.observe(share.tokens.len(), rtt);
+                        Some(sums)
+                    }
+                    other => {
+                        let why = match other {
+                            Err(e) => format!("{e:#}"),
+                            Ok(_) => "the reply does not match the batch".to_string(),
+                        };
+                        member.stats().record_failure();
+                        member.lose(&link, &why);
+                        None
+                    }
+                }
+            });
+            match answered {
+                Some(sums) => {
                     for (row, &t) in sums.sums.chunks_exact(n_embd).zip(&share.tokens) {
                         out[t * n_embd..(t + 1) * n_embd].iter_mut().zip(row).for_each(|(o, s)| *o += s);
                     }
                 }
-                other => {
-                    let why = match other {
-                        Err(e) => format!("{e:#}"),
-                        Ok(_) => "the reply does not match the batch".to_string(),
-                    };
-                    self.stats[node - 1].record_failure();
-                    if !self.lost[node - 1].swap(true, Ordering::Relaxed) {
-                        tracing::warn!(
-                            "worker {} lost ({why}); its experts move to the coordinator",
-                            self.links[node - 1].addr
-                        );
-                        self.placement.write().unwrap_or_else(|e| e.into_inner()).reclaim(node);
-                    }
+                None => {
                     self.compute_local(layer, &inputs, &share.global, &mut scratch)?;
                     out.iter_mut().zip(&scratch).for_each(|(o, s)| *o += s);
                 }

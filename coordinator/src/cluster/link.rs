@@ -163,8 +163,15 @@ impl WorkerLink {
         }
     }
 
-    /// Closes the connection (the worker keeps its cached experts).
-    pub fn close(&self) {
-        self.conn.close(0u32.into(), b"done");
+    /// Closes the connection, telling the worker `why` (it keeps its cached experts). Streams
+    /// still open are reset: nothing more is read from this connection.
+    pub fn close(&self, why: &str) {
+        self.conn.close(0u32.into(), why.as_bytes());
+    }
+
+    /// Resolves when the connection is closed, by either side or by the QUIC idle timeout, with
+    /// the reason.
+    pub async fn closed(&self) -> String {
+        self.conn.closed().await.to_string()
     }
 }

@@ -6,11 +6,15 @@
 //! skipped with a warning), measure them (hello capabilities, ping RTT), place the experts
 //! (proportionally to measured GEMV speed within memory budgets, or from a `--placement` file),
 //! ship each worker its experts' GGUF bytes (only the blobs it does not have), and return a
-//! [`ClusterExperts`] backend for the forward pass.
+//! [`ClusterExperts`] backend for the forward pass. Each worker then has a supervisor task on the
+//! cluster's runtime that reconnects it after a loss ([`Member`]).
 
 mod backend;
+mod backoff;
+pub mod deadline;
 pub mod discovery;
 mod link;
+mod member;
 pub mod placement;
 mod stats;
 
@@ -28,7 +32,9 @@ use moeshard_protocol::transport::client_endpoint;
 use rayon::prelude::*;
 
 pub use backend::ClusterExperts;
+pub use deadline::DeadlineBounds;
 pub use link::{BlobSource, WorkerLink};
+pub use member::Member;
 pub use placement::{NodeSpec, Placement, PlacementError};
 pub use stats::{Counters, LinkStats};
 
@@ -48,15 +54,15 @@ pub struct ClusterOptions {
     pub discovery_timeout: Duration,
     /// Explicit placement file (`LAYERS EXPERTS NODE` lines), else proportional placement.
     pub placement: Option<PathBuf>,
-    /// Deadline of one data-plane round trip.
-    pub deadline: Duration,
+    /// Bounds of the adaptive deadline of one data-plane round trip.
+    pub deadline: DeadlineBounds,
 }
 
 /// Summary of the setup, for logs and tests.
 pub struct Cluster {
     /// The backend to run the model with.
     pub experts: Arc<ClusterExperts>,
-    /// The placement used (node 0 = coordinator, node `i + 1` = `experts.links()[i]`).
+    /// The placement used (node 0 = coordinator, node `i + 1` = `experts.members()[i]`).
     pub placement: Placement,
 }
 
@@ -106,12 +112,14 @@ impl Cluster {
                 gemv_gbps: local_gbps,
             },
         };
+        let endpoint = runtime.block_on(async { client_endpoint(SocketAddr::from(([0, 0, 0, 0], 0))) })?;
         let links: Vec<Arc<WorkerLink>> = runtime.block_on(async {
-            let endpoint = client_endpoint(SocketAddr::from(([0, 0, 0, 0], 0)))?;
             let mut links: Vec<Arc<WorkerLink>> = Vec::new();
             for addr in addrs {
                 match WorkerLink::connect(&endpoint, addr, &opts.key, hello.clone()).await {
-                    Ok(link) if links.iter().any(|l| l.hello.node_id == link.hello.node_id) => link.close(),
+                    Ok(link) if links.iter().any(|l| l.hello.node_id == link.hello.node_id) => {
+                        link.close("the same worker is reachable at another address")
+                    }
                     Ok(link) => {
                         tracing::info!(
                             "worker {} at {addr}: ping {:?}, {:.1} GB/s GEMV, {} bytes budget",
@@ -157,10 +165,11 @@ impl Cluster {
             }
         };
 
-        let stats: Vec<Arc<LinkStats>> = links.iter().map(|_| Arc::new(LinkStats::default())).collect();
         let gguf = model.gguf().clone();
         let model_id = *blake3::hash(&gguf.data()[..gguf.data_offset() as usize]).as_bytes();
-        for (i, link) in links.iter().enumerate() {
+        let source = Arc::new(MappedFile(gguf.clone()));
+        let mut members = Vec::with_capacity(links.len());
+        for (i, link) in links.into_iter().enumerate() {
             let experts = placement.experts_of(i + 1);
             let shards: Vec<ExpertShard> = experts
                 .par_iter()
@@ -175,15 +184,21 @@ impl Cluster {
                     }
                 })
                 .collect();
-            let source = MappedFile(gguf.clone());
+            let assignment = Assignment { model_id, shards };
             let shipped = runtime
-                .block_on(link.assign(Assignment { model_id, shards }, &source))
+                .block_on(link.assign(assignment.clone(), source.as_ref()))
                 .with_context(|| format!("assigning experts to {}", names[i + 1]))?;
-            stats[i].record_shipping(shipped, experts.len() as u64);
+            let stats = Arc::new(LinkStats::default());
+            stats.record_shipping(shipped, experts.len() as u64);
             tracing::info!("{}: {} experts, {} bytes shipped", names[i + 1], experts.len(), shipped);
+            members.push(Arc::new(Member::new(names[i + 1].clone(), link, assignment, stats)));
         }
 
-        let experts = Arc::new(ClusterExperts::new(model, placement.clone(), links, stats, runtime, opts.deadline));
+        let rejoin = Arc::new(member::Rejoin { endpoint, key: opts.key.clone(), hello, source });
+        for m in &members {
+            runtime.spawn(m.clone().supervise(rejoin.clone()));
+        }
+        let experts = Arc::new(ClusterExperts::new(model, placement.clone(), members, runtime, opts.deadline));
         Ok(Cluster { experts, placement })
     }
 }
@@ -211,26 +226,34 @@ impl BlobSource for MappedFile {
 
 impl ClusterExperts {
     /// A human-readable traffic report: per worker the experts held, weight bytes shipped, round
-    /// trips, bytes each way, bytes per token, and RTT mean / p99 overall and per layer.
+    /// trips, bytes each way, bytes per token, failures and reconnections, and RTT mean / p99
+    /// overall and per layer.
     pub fn report(&self) -> String {
         let mut s = String::new();
-        for (link, stats) in self.links().iter().zip(self.stats()) {
-            let c = stats.snapshot();
+        for member in self.members() {
+            let c = member.stats().snapshot();
             let per_token = if c.tokens > 0 { (c.bytes_out + c.bytes_in) as f64 / c.tokens as f64 } else { 0.0 };
+            let state = match member.link() {
+                Some(link) => format!(
+                    "ping {:.3} ms, {:.1} GB/s GEMV",
+                    link.rtt.as_secs_f64() * 1e3,
+                    link.capabilities().gemv_gbps
+                ),
+                None => "lost".to_string(),
+            };
             let _ = writeln!(
                 s,
-                "worker {} ({}, ping {:.3} ms, {:.1} GB/s GEMV): {} experts, {} weight bytes shipped, {} round trips, {} bytes out, {} bytes in, {:.0} bytes/token/layer, {} failures",
-                link.name(),
-                link.addr,
-                link.rtt.as_secs_f64() * 1e3,
-                link.capabilities().gemv_gbps,
+                "worker {} ({}, {state}): {} experts, {} weight bytes shipped, {} round trips, {} bytes out, {} bytes in, {:.0} bytes/token/layer, {} failures, {} reconnects",
+                member.name(),
+                member.addr(),
                 c.experts,
                 c.shipped_bytes,
                 c.round_trips,
                 c.bytes_out,
                 c.bytes_in,
                 per_token,
-                c.failures
+                c.failures,
+                c.reconnects
             );
             for layer in 0..c.rtt_us.len() {
                 if let Some((mean, p99)) = c.rtt(layer) {

@@ -141,11 +141,6 @@ impl Placement {
             .filter(|&(l, e)| self.owner(l, e) == node)
             .collect()
     }
-
-    /// Moves every expert of `node` to node 0 (after the node was lost).
-    pub fn reclaim(&mut self, node: usize) {
-        self.owner.iter_mut().filter(|o| **o == node).for_each(|o| *o = 0);
-    }
 }
 
 /// A measured speed rounded to a step of 2^(1/4) (about 19%), so that measurement noise does
@@ -262,13 +257,5 @@ mod tests {
         assert_eq!(even.experts_of(1).len(), 2 * 4);
         assert_eq!(even.experts_of(2).len(), 2 * 3);
         assert_eq!((even.owner(0, 3), even.owner(0, 4)), (1, 2));
-    }
-
-    #[test]
-    fn reclaim_moves_to_coordinator() {
-        let names = vec!["local".to_string(), "w1".to_string()];
-        let mut p = Placement::parse("* * w1", 2, 4, &names).unwrap();
-        p.reclaim(1);
-        assert_eq!(p, Placement::all_local(2, 4));
     }
 }

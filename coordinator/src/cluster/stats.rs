@@ -29,6 +29,8 @@ pub struct Counters {
     pub rtt_us: Vec<Vec<u32>>,
     /// Round trips that failed and were computed locally instead.
     pub failures: u64,
+    /// Times the worker was reconnected (and its experts assigned again) after being lost.
+    pub reconnects: u64,
 }
 
 impl Counters {
@@ -64,6 +66,13 @@ impl LinkStats {
         let mut c = self.lock();
         c.shipped_bytes += shipped_bytes;
         c.experts = experts;
+    }
+
+    /// Records a reconnection after a loss that shipped `shipped_bytes` of weights.
+    pub fn record_rejoin(&self, shipped_bytes: u64) {
+        let mut c = self.lock();
+        c.reconnects += 1;
+        c.shipped_bytes += shipped_bytes;
     }
 
     /// Records a failed round trip.

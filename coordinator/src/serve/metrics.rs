@@ -56,6 +56,8 @@ impl Metrics {
             describe_counter!("moeshard_worker_shipped_bytes_total", Unit::Bytes, "Weight bytes shipped to a worker");
             describe_gauge!("moeshard_worker_experts", "Experts a worker holds");
             describe_counter!("moeshard_worker_failures_total", "Round trips that failed and ran locally");
+            describe_gauge!("moeshard_worker_up", "1 while a worker is connected, 0 while it is lost");
+            describe_counter!("moeshard_worker_reconnects_total", "Reconnections of a worker after a loss");
         });
         Metrics { recorder }
     }
@@ -84,9 +86,9 @@ impl Metrics {
             gauge!("moeshard_decode_tokens_per_second").set(stats.decode_tokens_per_s);
             gauge!("moeshard_queue_depth").set(stats.queued as f64);
             gauge!("moeshard_active_sequences").set(stats.active as f64);
-            for (link, link_stats) in cluster.iter().flat_map(|c| c.links().iter().zip(c.stats())) {
-                let c = link_stats.snapshot();
-                let labels = [("worker", link.name().to_owned())];
+            for member in cluster.iter().flat_map(|c| c.members()) {
+                let c = member.stats().snapshot();
+                let labels = [("worker", member.name().to_owned())];
                 let mut rtts: Vec<u32> = c.rtt_us.iter().flatten().copied().collect();
                 rtts.sort_unstable();
                 if let Some(&max) = rtts.last() {
@@ -101,6 +103,8 @@ impl Metrics {
                 counter!("moeshard_worker_shipped_bytes_total", &labels).absolute(c.shipped_bytes);
                 gauge!("moeshard_worker_experts", &labels).set(c.experts as f64);
                 counter!("moeshard_worker_failures_total", &labels).absolute(c.failures);
+                counter!("moeshard_worker_reconnects_total", &labels).absolute(c.reconnects);
+                gauge!("moeshard_worker_up", &labels).set(if member.link().is_some() { 1.0 } else { 0.0 });
             }
         });
         let handle = self.recorder.handle();
