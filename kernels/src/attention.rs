@@ -61,6 +61,15 @@ impl KvRows<'_> {
     }
 }
 
+/// The key and value rows of one layer's cache.
+#[derive(Clone, Copy)]
+pub struct KvPair<'a> {
+    /// Key rows.
+    pub keys: KvRows<'a>,
+    /// Value rows (the same slots).
+    pub values: KvRows<'a>,
+}
+
 /// Reusable buffers of [`attend`] (one per thread).
 #[derive(Default)]
 pub struct AttentionScratch {
@@ -79,8 +88,7 @@ pub fn attend(
     shape: AttentionShape,
     kv_head: usize,
     q: &[f32],
-    keys: KvRows<'_>,
-    values: KvRows<'_>,
+    kv: KvPair<'_>,
     slots: &[usize],
     scratch: &mut AttentionScratch,
     out: &mut [f32],
@@ -88,9 +96,9 @@ pub fn attend(
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") {
         // SAFETY: AVX2 is present.
-        return unsafe { attend_avx2(shape, kv_head, q, keys, values, slots, scratch, out) };
+        return unsafe { attend_avx2(shape, kv_head, q, kv, slots, scratch, out) };
     }
-    attend_body(shape, kv_head, q, keys, values, slots, scratch, out);
+    attend_body(shape, kv_head, q, kv, slots, scratch, out);
 }
 
 /// [`attend`] compiled for AVX2 (the same operations in the same order: bit-identical results,
@@ -104,13 +112,12 @@ unsafe fn attend_avx2(
     shape: AttentionShape,
     kv_head: usize,
     q: &[f32],
-    keys: KvRows<'_>,
-    values: KvRows<'_>,
+    kv: KvPair<'_>,
     slots: &[usize],
     scratch: &mut AttentionScratch,
     out: &mut [f32],
 ) {
-    attend_body(shape, kv_head, q, keys, values, slots, scratch, out);
+    attend_body(shape, kv_head, q, kv, slots, scratch, out);
 }
 
 /// The body of [`attend`], inlined into each build.
@@ -119,13 +126,13 @@ fn attend_body(
     shape: AttentionShape,
     kv_head: usize,
     q: &[f32],
-    keys: KvRows<'_>,
-    values: KvRows<'_>,
+    kv: KvPair<'_>,
     slots: &[usize],
     scratch: &mut AttentionScratch,
     out: &mut [f32],
 ) {
     let AttentionShape { n_head, n_head_kv, head_dim, scale } = shape;
+    let KvPair { keys, values } = kv;
     let group = n_head / n_head_kv;
     assert!(kv_head < n_head_kv, "KV head {kv_head} of {n_head_kv}");
     assert!(q.len() == group * head_dim && out.len() == group * head_dim, "q and out must be [{group}, {head_dim}]");
@@ -217,10 +224,10 @@ mod tests {
         let keys = KvRows { ty: GgmlType::F32, row_elems: 6, data: &kb };
         let values = KvRows { ty: GgmlType::F32, row_elems: 6, data: &vb };
         let slots = [4usize, 0, 2];
-        let mut out = vec![0.0; 12];
+        let mut out = [0.0; 12];
         let mut scratch = AttentionScratch::default();
         for (kv_head, (q, out)) in q.chunks(6).zip(out.chunks_mut(6)).enumerate() {
-            attend(shape, kv_head, q, keys, values, &slots, &mut scratch, out);
+            attend(shape, kv_head, q, KvPair { keys, values }, &slots, &mut scratch, out);
         }
         for h in 0..4 {
             let kvh = h / 2;

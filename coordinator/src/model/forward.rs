@@ -5,7 +5,7 @@
 //! top-k -> renormalise -> experts (through an [`ExpertBackend`]) -> residual. Then the final
 //! RMSNorm and the LM head.
 
-use moeshard_kernels::attention::{AttentionScratch, AttentionShape, attend};
+use moeshard_kernels::attention::{AttentionScratch, AttentionShape, KvPair, attend};
 use moeshard_kernels::matmul::matmul_f32;
 use moeshard_kernels::moe::softmax_top_k;
 use moeshard_kernels::norm::{rms_norm, rms_norm_inplace};
@@ -165,7 +165,7 @@ impl Model {
                     let cache = caches[s];
                     let (keys, values) = cache.rows(il);
                     cache.visible_slots(il, pos, slots);
-                    attend(shape, i % c.n_head_kv, qt, keys, values, slots, scratch, out);
+                    attend(shape, i % c.n_head_kv, qt, KvPair { keys, values }, slots, scratch, out);
                 },
             );
             matmul_f32(&self.matrix(&l.attn_output), &attn, n, &mut proj);
