@@ -10,5 +10,6 @@ pub mod moe;
 pub mod norm;
 pub mod probe;
 pub mod quant;
+pub mod random;
 pub mod rope;
 pub mod sampling;

@@ -1,10 +1,14 @@
-//! A quick measurement of this machine's quantized GEMV throughput: the figure expert placement
-//! weighs nodes by (workers report it in their hello and mDNS TXT; the coordinator measures its
-//! own).
+//! Quick measurements of this machine's speed.
 //!
-//! A Q4_K matrix of about [`PROBE_BYTES`] of random but valid blocks is multiplied with one
-//! activation row, repeatedly for at least [`PROBE_DURATION`], on the worker's compute pool; the
-//! result is weight bytes read per second, in GB/s (10^9 bytes per second).
+//! - [`gemv_throughput`]: quantized GEMV throughput, the figure expert placement weighs nodes by
+//!   (workers report it in their hello and mDNS TXT; the coordinator measures its own). A Q4_K
+//!   matrix of about [`PROBE_BYTES`] of random but valid blocks is multiplied with one
+//!   activation row, repeatedly for at least [`PROBE_DURATION`], on the current rayon pool; the
+//!   result is weight bytes read per second.
+//! - [`read_bandwidth`]: memory read bandwidth, STREAM-like (a parallel sum over a buffer much
+//!   larger than the last-level cache), the ceiling of memory-bound decoding.
+//!
+//! Rates are in GB/s (10^9 bytes per second).
 
 use std::time::{Duration, Instant};
 
@@ -46,6 +50,38 @@ pub fn gemv_throughput() -> f64 {
     (weights.len() as f64 * f64::from(runs)) / started.elapsed().as_secs_f64() / 1e9
 }
 
+/// Default buffer of [`read_bandwidth`]: 1 GiB, far larger than any last-level cache.
+pub const READ_PROBE_BYTES: usize = 1 << 30;
+
+/// Passes over the buffer [`read_bandwidth`] makes, at least (the fastest one counts, as STREAM
+/// reports its best time).
+const READ_PROBE_PASSES: u32 = 5;
+
+/// Bytes each rayon task sums (a whole number of `u64`s).
+const READ_PROBE_TASK_BYTES: usize = 1 << 20;
+
+/// Measures memory read bandwidth on the current rayon pool: a buffer of `bytes` bytes (rounded
+/// down to whole `u64`s, at least one) is written once, then summed in parallel
+/// [`READ_PROBE_PASSES`] times (each task summing [`READ_PROBE_TASK_BYTES`]); returns the
+/// fastest pass's bytes read per second, in GB/s. Use [`READ_PROBE_BYTES`] for a figure of main
+/// memory; a small buffer measures the caches.
+pub fn read_bandwidth(bytes: usize) -> f64 {
+    use rayon::prelude::*;
+    let words: Vec<u64> =
+        (0..(bytes / 8).max(1) as u64).into_par_iter().map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15)).collect();
+    let mut best = f64::INFINITY;
+    for _ in 0..READ_PROBE_PASSES {
+        let started = Instant::now();
+        let sum = words
+            .par_chunks(READ_PROBE_TASK_BYTES / 8)
+            .map(|c| c.iter().fold(0u64, |a, &w| a.wrapping_add(w)))
+            .reduce(|| 0, u64::wrapping_add);
+        std::hint::black_box(sum);
+        best = best.min(started.elapsed().as_secs_f64());
+    }
+    (words.len() * 8) as f64 / best.max(1e-9) / 1e9
+}
+
 /// `len` bytes of Q4_K blocks (`len` a multiple of the block size): random scales and quants,
 /// `d` and `dmin` finite positive f16 values between 2^-10 and 2^-3.
 fn random_q4_k_blocks(len: usize) -> Vec<u8> {
@@ -71,6 +107,15 @@ mod tests {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().expect("pool");
         let gbps = pool.install(gemv_throughput);
         assert!(gbps.is_finite() && gbps > 0.0, "{gbps}");
+    }
+
+    #[test]
+    fn read_probe_reports_a_positive_finite_rate() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().expect("pool");
+        for bytes in [0, 8 << 20] {
+            let gbps = pool.install(|| read_bandwidth(bytes));
+            assert!(gbps.is_finite() && gbps > 0.0, "{bytes} bytes: {gbps}");
+        }
     }
 
     #[test]

@@ -1,13 +1,16 @@
-//! The `moeshard` command line: `run` (generate), `score` (teacher-forced scoring) and `serve`
-//! (the OpenAI / Ollama HTTP API).
+//! The `moeshard` command line: `run` (generate), `score` (teacher-forced scoring), `serve`
+//! (the OpenAI / Ollama HTTP API), `bench` (llama-bench-like speed table) and `synth`
+//! (random-weight GGUF files with a real model's geometry).
 //!
 //! Flags follow llama.cpp's names where one exists (`-m`, `-p`, `-n`, `-t`, `-c`, `--temp`,
 //! `--top-k`, `--top-p`, `--min-p`, `--repeat-penalty`, `--seed`, `-ctk`/`-ctv`).
 
+mod bench;
 mod load;
 mod run;
 mod score;
 mod serve;
+mod synth;
 
 use std::process::ExitCode;
 
@@ -31,6 +34,11 @@ enum Command {
     Score(score::ScoreArgs),
     /// Serve the model over HTTP: the OpenAI API, Ollama's API, /health and /metrics.
     Serve(serve::ServeArgs),
+    /// Measure prompt processing and generation speed (llama-bench's pp/tg tests) and the
+    /// weight bytes read per token against the machine's read bandwidth.
+    Bench(bench::BenchArgs),
+    /// Write a random-weight GGUF with a real model's geometry, metadata and quantization mix.
+    Synth(synth::SynthArgs),
 }
 
 /// Options shared by every command that loads a model.
@@ -123,6 +131,8 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run::run(args),
         Command::Score(args) => score::score(args),
         Command::Serve(args) => serve::serve(args),
+        Command::Bench(args) => bench::bench(args),
+        Command::Synth(args) => synth::synth(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
