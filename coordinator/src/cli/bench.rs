@@ -122,7 +122,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         size_bytes: gguf.tensors().iter().map(|t| t.n_bytes).sum(),
         params: gguf.tensors().iter().map(|t| t.n_elements()).sum(),
         backend: match &cluster {
-            Some(c) => format!("CPU + {} workers", c.links().len()),
+            Some(c) => format!("CPU + {} workers", c.members().len()),
             None => "CPU".to_owned(),
         },
         threads,
@@ -243,7 +243,7 @@ fn params_label(params: u64) -> String {
 }
 
 fn snapshots(cluster: Option<&ClusterExperts>) -> Vec<Counters> {
-    cluster.map_or_else(Vec::new, |c| c.stats().iter().map(|s| s.snapshot()).collect())
+    cluster.map_or_else(Vec::new, |c| c.members().iter().map(|m| m.stats().snapshot()).collect())
 }
 
 /// Each worker's traffic since `before`, over `tokens` tokens.
@@ -251,7 +251,7 @@ fn traffic(cluster: Option<&ClusterExperts>, before: &[Counters], tokens: u64) -
     let Some(cluster) = cluster else { return Vec::new() };
     let tokens = tokens.max(1) as f64;
     cluster
-        .links()
+        .members()
         .iter()
         .zip(snapshots(Some(cluster)))
         .zip(before)
