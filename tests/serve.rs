@@ -607,13 +607,9 @@ async fn full_queue_gets_503_and_the_server_recovers() {
         }
         held.push(resp);
     }
-    expect_error(
-        refused.expect("a request beyond the queue is refused"),
-        StatusCode::SERVICE_UNAVAILABLE,
-        None,
-        "queue full",
-    )
-    .await;
+    let refused = refused.expect("a request beyond the queue is refused");
+    assert_eq!(refused.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
+    expect_error(refused, StatusCode::SERVICE_UNAVAILABLE, None, "queue full").await;
     drop(held);
     let (status, r) = tokio::time::timeout(Duration::from_secs(60), async {
         loop {
@@ -650,4 +646,167 @@ async fn serving_with_two_workers_matches_one_machine() {
         assert!(trips.is_some_and(|n| n > 0.0), "no round trips to {w} in\n{page}");
         assert!(metric(&page, &format!("moeshard_worker_rtt_mean_seconds{{worker=\"{w}\"}}")).is_some(), "{page}");
     }
+}
+
+/// Reads from `sock` until the server closes the connection (end of stream or reset); returns
+/// what it sent before. Panics unless that happens within `within`.
+async fn read_until_closed(sock: &mut tokio::net::TcpStream, within: Duration, what: &str) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let read = async {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n @ 1..) = sock.read(&mut chunk).await {
+            got.extend_from_slice(&chunk[..n]);
+        }
+    };
+    tokio::time::timeout(within, read).await.unwrap_or_else(|_| panic!("{what}: still open after {within:?}"));
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// Sends `GET /health` on an open keep-alive connection and checks the 200 answer.
+async fn health_on(sock: &mut tokio::net::TcpStream, what: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    sock.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n").await.expect("write");
+    let mut got = Vec::new();
+    let read = async {
+        let mut chunk = [0u8; 1024];
+        while !String::from_utf8_lossy(&got).contains("\"ok\"") {
+            let n = sock.read(&mut chunk).await.expect("read");
+            assert!(n > 0, "{what}: closed: {:?}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&chunk[..n]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read).await.unwrap_or_else(|_| panic!("{what}: no answer"));
+    assert!(got.starts_with(b"HTTP/1.1 200"), "{what}: {:?}", String::from_utf8_lossy(&got));
+}
+
+fn server_addr(server: &Server) -> String {
+    server.url.strip_prefix("http://").expect("http URL").to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_idle_clients_are_dropped_after_the_timeouts() {
+    use tokio::io::AsyncWriteExt;
+    let server = Server::start(MODEL, &["--header-timeout", "2", "--body-timeout", "2"]);
+    let addr = server_addr(&server);
+    let window = (Duration::from_millis(1500), Duration::from_secs(8));
+
+    // Slowloris: a header line every 300 ms, never the blank line that ends the head.
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.expect("connect");
+    slow.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n").await.expect("write");
+    let start = std::time::Instant::now();
+    let trickle = async {
+        for i in 0.. {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if slow.write_all(format!("x-slow-{i}: y\r\n").as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(window.1, trickle).await.expect("the slow client is cut off");
+    let waited = start.elapsed();
+    assert!(waited >= window.0, "cut off after {waited:?}, before the 2 s timeout");
+    let sent = read_until_closed(&mut slow, window.1, "slowloris").await;
+    assert!(sent.is_empty(), "no response to an unfinished head: {sent:?}");
+
+    // An idle keep-alive connection is closed after the same time.
+    let mut idle = tokio::net::TcpStream::connect(&addr).await.expect("connect");
+    health_on(&mut idle, "keep-alive request").await;
+    let start = std::time::Instant::now();
+    read_until_closed(&mut idle, window.1, "idle keep-alive connection").await;
+    assert!(start.elapsed() >= window.0, "idle connection closed after {:?}", start.elapsed());
+
+    // A body that stalls gets an error once it has paused for the body timeout.
+    let mut stalled = tokio::net::TcpStream::connect(&addr).await.expect("connect");
+    stalled
+        .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{\"messages\"")
+        .await
+        .expect("write");
+    let start = std::time::Instant::now();
+    let answer = read_until_closed(&mut stalled, window.1, "stalled body").await;
+    assert!(start.elapsed() >= window.0, "stalled body answered after {:?}", start.elapsed());
+    assert!(answer.starts_with("HTTP/1.1 400") && answer.contains("\"error\""), "{answer}");
+
+    // Meanwhile, and after, normal clients are served.
+    let (status, r) =
+        post_json(&format!("{}/v1/completions", server.url), &json!({ "prompt": "x", "max_tokens": 2 })).await;
+    assert_eq!(status, StatusCode::OK, "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_cap_are_closed_and_open_ones_keep_working() {
+    let server = Server::start(MODEL, &["--max-connections", "2"]);
+    let addr = server_addr(&server);
+    let mut first = tokio::net::TcpStream::connect(&addr).await.expect("connect");
+    let mut second = tokio::net::TcpStream::connect(&addr).await.expect("connect");
+    health_on(&mut first, "first connection").await;
+    health_on(&mut second, "second connection").await;
+
+    for i in 0..3 {
+        let mut extra = tokio::net::TcpStream::connect(&addr).await.expect("the kernel completes the handshake");
+        let sent = read_until_closed(&mut extra, Duration::from_secs(5), "connection over the cap").await;
+        assert!(sent.is_empty(), "extra connection {i} got {sent:?}");
+    }
+    health_on(&mut first, "first connection, at the cap").await;
+    health_on(&mut second, "second connection, at the cap").await;
+
+    // Closing one frees its place.
+    drop(first);
+    let served = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Ok(resp) = client().get(format!("{}/health", server.url)).send().await {
+                return resp.status();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("a new connection is served once one closed");
+    assert_eq!(served, StatusCode::OK);
+    health_on(&mut second, "second connection, still open").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_over_the_configured_limit_get_413_even_without_a_length() {
+    use tokio::io::AsyncWriteExt;
+    let server = Server::start(MODEL, &["--max-body-mib", "1"]);
+    let addr = server_addr(&server);
+    // Chunked, so the limit is enforced while reading rather than from Content-Length.
+    let mut sock = tokio::net::TcpStream::connect(&addr).await.expect("connect");
+    sock.write_all(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n")
+        .await
+        .expect("write head");
+    let (mut rx, mut tx) = sock.into_split();
+    let writer = tokio::spawn(async move {
+        let chunk = format!("{:x}\r\n{}\r\n", 64 << 10, " ".repeat(64 << 10));
+        for _ in 0..24 {
+            if tx.write_all(chunk.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+        let _ = tx.write_all(b"0\r\n\r\n").await;
+    });
+    let mut got = Vec::new();
+    let read = async {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = rx.read(&mut buf).await {
+            got.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&got).contains("}}") {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), read).await.expect("answer in time");
+    writer.abort();
+    let answer = String::from_utf8_lossy(&got);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("request_too_large") && answer.contains("1048576 bytes"), "{answer}");
+
+    // Just under the limit is fine.
+    let prompt = "x ".repeat(200);
+    let pad = " ".repeat((1 << 20) - 1000);
+    let body = format!("{{\"prompt\": \"{prompt}\", \"max_tokens\": 1{pad}}}");
+    let resp = client().post(format!("{}/v1/completions", server.url)).body(body).send().await.expect("request");
+    assert_eq!(resp.status(), StatusCode::OK);
 }

@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
@@ -11,7 +12,7 @@ use super::load::{Loaded, load};
 use crate::chat::ChatTemplate;
 use crate::engine::{Engine, EngineOptions};
 use crate::experts::{ExpertBackend, LocalExperts};
-use crate::serve::{ModelInfo, ServeState};
+use crate::serve::{HttpLimits, ModelInfo, ServeState};
 
 /// Arguments of `moeshard serve`.
 #[derive(Args, Debug)]
@@ -30,15 +31,50 @@ pub struct ServeArgs {
     /// Sequences generated at once.
     #[arg(long, default_value_t = 4)]
     parallel: usize,
-    /// Requests that may wait for a free sequence; more get 503.
+    /// Requests that may wait for a free sequence; more get 503 with `Retry-After`.
     #[arg(long = "max-queue", default_value_t = 64)]
     max_queue: usize,
+    /// The largest request body in MiB; larger ones get 413.
+    #[arg(long = "max-body-mib", default_value_t = 8)]
+    max_body_mib: usize,
+    /// Seconds a client has to send a request's headers; also how long an idle keep-alive
+    /// connection stays open.
+    #[arg(long = "header-timeout", default_value_t = 30)]
+    header_timeout: u64,
+    /// The longest pause in seconds while a request body is received.
+    #[arg(long = "body-timeout", default_value_t = 30)]
+    body_timeout: u64,
+    /// Connections open at once; more are closed as soon as they are accepted.
+    #[arg(long = "max-connections", default_value_t = 256)]
+    max_connections: usize,
+}
+
+impl ServeArgs {
+    /// The HTTP limits of the flags, each checked to be positive.
+    fn limits(&self) -> anyhow::Result<HttpLimits> {
+        anyhow::ensure!(self.max_body_mib > 0, "--max-body-mib must be at least 1");
+        anyhow::ensure!(self.header_timeout > 0, "--header-timeout must be at least 1 second");
+        anyhow::ensure!(self.body_timeout > 0, "--body-timeout must be at least 1 second");
+        anyhow::ensure!(
+            (1..=tokio::sync::Semaphore::MAX_PERMITS).contains(&self.max_connections),
+            "--max-connections must be between 1 and {}",
+            tokio::sync::Semaphore::MAX_PERMITS
+        );
+        let max_body = self.max_body_mib.checked_mul(1 << 20).context("--max-body-mib is too large")?;
+        Ok(HttpLimits {
+            max_body,
+            header_timeout: Duration::from_secs(self.header_timeout),
+            body_timeout: Duration::from_secs(self.body_timeout),
+            max_connections: self.max_connections,
+        })
+    }
 }
 
 /// Loads the model, starts the engine and serves until Ctrl-C. Prints `listening on
 /// http://ADDR` on stdout once the socket is bound.
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.parallel > 0, "--parallel must be at least 1");
+    let limits = args.limits()?;
     let Loaded { gguf, tokenizer, session, pool, cluster } = load(&args.model)?;
     let model = session.model().clone();
     let n_ctx = session.n_ctx();
@@ -75,6 +111,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         writeln!(out, "listening on http://{addr}")?;
         out.flush()?;
         drop(out);
-        crate::serve::serve(listener, state).await.context("serving")
+        crate::serve::serve(listener, state, limits).await;
+        Ok(())
     })
 }

@@ -71,10 +71,28 @@ impl TensorInfo {
     }
 }
 
-/// A GGUF file, memory-mapped read-only, with its metadata and tensor infos parsed and validated.
+/// The bytes of a GGUF file: a read-only mapping of the file, or a buffer in memory.
+enum Bytes {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
+/// A GGUF file, memory-mapped read-only (or held in memory), with its metadata and tensor infos
+/// parsed and validated.
 pub struct GgufFile {
     path: PathBuf,
-    mmap: Mmap,
+    bytes: Bytes,
     version: u32,
     metadata: BTreeMap<String, GgufValue>,
     tensors: Vec<TensorInfo>,
@@ -102,11 +120,25 @@ impl GgufFile {
         // file must not be truncated or rewritten while it is open, as for every mmap-based
         // model loader (llama.cpp included).
         let mmap = unsafe { Mmap::map(&file) }.map_err(io_err)?;
-        let parsed = reader::parse(&path, &mmap)?;
+        GgufFile::parse(path, Bytes::Mapped(mmap))
+    }
+
+    /// Parses and validates a GGUF file held in memory, exactly as [`GgufFile::open`] does a file
+    /// on disk (same reader, same checks). `name` stands for the file in errors and in
+    /// [`GgufFile::path`]; nothing is read from it.
+    ///
+    /// # Errors
+    /// The first problem found, as for [`GgufFile::open`] (never [`GgufError::Io`]).
+    pub fn from_bytes(name: impl Into<PathBuf>, bytes: Vec<u8>) -> Result<GgufFile, GgufError> {
+        GgufFile::parse(name.into(), Bytes::Owned(bytes))
+    }
+
+    fn parse(path: PathBuf, bytes: Bytes) -> Result<GgufFile, GgufError> {
+        let parsed = reader::parse(&path, &bytes)?;
         let index = parsed.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
         Ok(GgufFile {
             path,
-            mmap,
+            bytes,
             version: parsed.version,
             metadata: parsed.metadata,
             tensors: parsed.tensors,
@@ -254,12 +286,12 @@ impl GgufFile {
     /// When `info` describes a range outside this file (an info from another file).
     pub fn tensor_data(&self, info: &TensorInfo) -> &[u8] {
         let start = info.offset as usize;
-        &self.mmap[start..start + info.n_bytes as usize]
+        &self.bytes[start..start + info.n_bytes as usize]
     }
 
     /// The whole mapped file (for prefetching and progress reporting).
     pub fn data(&self) -> &[u8] {
-        &self.mmap
+        &self.bytes
     }
 
     /// Absolute byte offset of the data section (where tensor offsets count from).

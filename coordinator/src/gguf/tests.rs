@@ -225,6 +225,27 @@ fn version_2_is_accepted() {
 }
 
 #[test]
+fn from_bytes_reads_what_open_reads() {
+    let bytes = sample();
+    let (_tmp, opened) = open_bytes("from-bytes", &bytes);
+    let opened = opened.expect("sample opens");
+    let held = GgufFile::from_bytes("in-memory.gguf", bytes.clone()).expect("sample parses from memory");
+    assert_eq!(held.path(), Path::new("in-memory.gguf"));
+    assert_eq!(held.version(), opened.version());
+    assert_eq!(held.metadata(), opened.metadata());
+    assert_eq!(held.tensors(), opened.tensors());
+    assert_eq!(held.data(), &bytes[..]);
+    for t in held.tensors() {
+        assert_eq!(held.tensor_data(t), opened.tensor_data(t), "{}", t.name);
+    }
+    let mut bad = bytes;
+    bad[..4].copy_from_slice(b"GGML");
+    let err = GgufFile::from_bytes("in-memory.gguf", bad).err().expect("bad magic refused");
+    assert!(matches!(err, GgufError::BadMagic { .. }), "{err}");
+    assert!(err.to_string().starts_with("in-memory.gguf"), "{err}");
+}
+
+#[test]
 fn bad_magic() {
     let mut bytes = sample();
     bytes[..4].copy_from_slice(b"GGML");

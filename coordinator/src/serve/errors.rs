@@ -3,7 +3,7 @@
 //! produce on their own (unknown route, wrong method, body too large).
 
 use axum::Json;
-use axum::extract::Request;
+use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -11,8 +11,9 @@ use serde_json::json;
 
 use crate::engine::SubmitError;
 
-/// The largest request body accepted, in bytes.
-pub const BODY_LIMIT: usize = 8 << 20;
+/// The `Retry-After` of a 503 for a full queue, in seconds: about one generation step of a busy
+/// server, so that clients come back soon rather than give up.
+pub const RETRY_AFTER_SECS: u32 = 1;
 
 /// An error answer: status, message and the OpenAI `type` / `param` / `code` fields.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,11 +28,13 @@ pub struct ApiError {
     pub param: Option<String>,
     /// A machine-readable code (`context_length_exceeded`, ...), if one applies.
     pub code: Option<&'static str>,
+    /// Seconds after which the request may succeed, sent as `Retry-After` (503 only).
+    pub retry_after: Option<u32>,
 }
 
 impl ApiError {
     fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, message: message.into(), kind, param: None, code: None }
+        ApiError { status, message: message.into(), kind, param: None, code: None, retry_after: None }
     }
 
     /// 400 for a malformed request that no single parameter is to blame for.
@@ -62,6 +65,15 @@ impl ApiError {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable_error", message)
     }
 
+    /// 503 with `Retry-After`: every sequence is busy and the queue is full.
+    pub fn busy(max_queue: usize) -> ApiError {
+        ApiError {
+            code: Some("server_busy"),
+            retry_after: Some(RETRY_AFTER_SECS),
+            ..ApiError::unavailable(format!("the server is busy: {max_queue} requests are already waiting"))
+        }
+    }
+
     /// 500: generation failed.
     pub fn internal(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
@@ -76,16 +88,22 @@ impl ApiError {
         ApiError { code: Some("context_length_exceeded"), ..ApiError::invalid(message) }
     }
 
-    /// The error of a plain status produced outside the handlers.
-    fn from_status(status: StatusCode) -> ApiError {
+    /// 404 for an unknown route.
+    fn no_route() -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found_error", "no such route")
+    }
+
+    /// The error of a plain status produced outside the handlers; `body_limit` (bytes) is the
+    /// limit a 413 names.
+    fn from_status(status: StatusCode, body_limit: usize) -> ApiError {
         match status {
-            StatusCode::NOT_FOUND => ApiError::new(status, "not_found_error", "no such route"),
+            StatusCode::NOT_FOUND => ApiError::no_route(),
             StatusCode::PAYLOAD_TOO_LARGE => ApiError {
                 code: Some("request_too_large"),
                 ..ApiError::new(
                     status,
                     "invalid_request_error",
-                    format!("the request body is larger than the limit of {} MiB", BODY_LIMIT >> 20),
+                    format!("the request body is larger than the limit of {body_limit} bytes"),
                 )
             },
             StatusCode::METHOD_NOT_ALLOWED => {
@@ -112,7 +130,11 @@ impl std::fmt::Display for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body())).into_response()
+        let mut resp = (self.status, Json(self.body())).into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut().insert(header::RETRY_AFTER, secs.into());
+        }
+        resp
     }
 }
 
@@ -124,17 +146,15 @@ impl From<SubmitError> for ApiError {
                 ApiError::param("prompt", format!("token id {id} is outside the vocabulary of {n_vocab}"))
             }
             SubmitError::ContextOverflow { prompt, n_ctx } => ApiError::context_overflow(prompt, None, n_ctx),
-            SubmitError::QueueFull { max_queue } => {
-                ApiError::unavailable(format!("the server is busy: {max_queue} requests are already waiting"))
-            }
+            SubmitError::QueueFull { max_queue } => ApiError::busy(max_queue),
             SubmitError::Stopped => ApiError::unavailable("the engine has stopped"),
         }
     }
 }
 
 /// Middleware: an error response without a JSON body (axum's 404 / 405 / 413, tower-http's 413)
-/// gets the OpenAI error body for its status.
-pub async fn json_errors(req: Request, next: Next) -> Response {
+/// gets the OpenAI error body for its status. The state is the body limit in bytes.
+pub async fn json_errors(State(body_limit): State<usize>, req: Request, next: Next) -> Response {
     let resp = next.run(req).await;
     let status = resp.status();
     let is_json = resp
@@ -143,7 +163,7 @@ pub async fn json_errors(req: Request, next: Next) -> Response {
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json"));
     if (status.is_client_error() || status.is_server_error()) && !is_json {
-        ApiError::from_status(status).into_response()
+        ApiError::from_status(status, body_limit).into_response()
     } else {
         resp
     }
@@ -151,5 +171,5 @@ pub async fn json_errors(req: Request, next: Next) -> Response {
 
 /// Fallback for unknown routes.
 pub async fn not_found() -> ApiError {
-    ApiError::from_status(StatusCode::NOT_FOUND)
+    ApiError::no_route()
 }

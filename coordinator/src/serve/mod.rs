@@ -10,6 +10,7 @@ mod chat;
 mod completions;
 mod errors;
 mod generate;
+mod http;
 mod metrics;
 mod ollama;
 mod openai;
@@ -28,6 +29,7 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::timeout::RequestBodyTimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::chat::ChatTemplate;
@@ -36,6 +38,7 @@ use crate::engine::Engine;
 use crate::gguf::GgufFile;
 use crate::tokenizer::Tokenizer;
 
+pub use http::HttpLimits;
 pub use metrics::Metrics;
 
 /// What the server says about its model (`/v1/models`, `/api/tags`, `/api/show`).
@@ -122,8 +125,9 @@ impl ServeState {
     }
 }
 
-/// The application: every route, the body limit, JSON errors and request metrics.
-pub fn router(state: Arc<ServeState>) -> Router {
+/// The application: every route, the body size and timeout limits of `limits`, JSON errors and
+/// request metrics.
+pub fn router(state: Arc<ServeState>, limits: &HttpLimits) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(render_metrics))
@@ -137,23 +141,22 @@ pub fn router(state: Arc<ServeState>) -> Router {
         .route("/api/generate", post(ollama::generate))
         .fallback(errors::not_found)
         .layer(DefaultBodyLimit::disable())
-        .layer(RequestBodyLimitLayer::new(errors::BODY_LIMIT))
-        .layer(axum::middleware::from_fn(errors::json_errors))
+        .layer(RequestBodyLimitLayer::new(limits.max_body))
+        .layer(RequestBodyTimeoutLayer::new(limits.body_timeout))
+        .layer(axum::middleware::from_fn_with_state(limits.max_body, errors::json_errors))
         .layer(axum::middleware::from_fn_with_state(state.clone(), metrics::track))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }
 
-/// Serves on `listener` until Ctrl-C.
-///
-/// # Errors
-/// When accepting connections fails.
-pub async fn serve(listener: tokio::net::TcpListener, state: Arc<ServeState>) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await
+/// Serves on `listener` within `limits` until Ctrl-C (see [`HttpLimits`] for what each limit
+/// does to a client that reaches it).
+pub async fn serve(listener: tokio::net::TcpListener, state: Arc<ServeState>, limits: HttpLimits) {
+    let app = router(state, &limits);
+    http::serve_connections(listener, app, limits, async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await;
 }
 
 async fn health() -> impl IntoResponse {
