@@ -63,11 +63,17 @@ impl BlockFiller {
         rng.fill_bytes(&mut sample);
         // Weights are linear in `d` and `dmin`: measure them with (d, dmin) = (1, 0) and (0, 1).
         let (d_mean, d_std) = moments(ty, &with_scales(ty, &sample, d_at, dmin_at, 1.0, 0.0));
-        let d0 = init.std / d_std;
-        let dmin = dmin_at.map(|at| {
+        let mut d0 = init.std / d_std;
+        let mut dmin = dmin_at.map(|at| {
             let (m_mean, _) = moments(ty, &with_scales(ty, &sample, d_at, dmin_at, 0.0, 1.0));
             (at, -d_mean * d0 / m_mean)
         });
+        // Random per-sub-block mins add spread of their own: rescale both (the mean stays ~0).
+        if let Some((at, m)) = dmin.as_mut() {
+            let (_, std) = moments(ty, &with_scales(ty, &sample, d_at, Some(*at), d0, *m));
+            d0 *= init.std / std;
+            *m *= init.std / std;
+        }
         BlockFiller { ty, init, d: Some((d_at, d0)), dmin }
     }
 
