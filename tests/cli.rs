@@ -205,3 +205,40 @@ fn missing_tensor_is_named() {
     std::fs::remove_file(&path).ok();
     assert!(err.contains("token_embd.weight") && err.contains("not found"), "{err}");
 }
+
+/// `synth` writes a 1-layer Mellum2-geometry file that loads, and `bench` on it prints the
+/// llama-bench-like table (and the same figures as JSON).
+#[test]
+fn synth_file_loads_and_bench_prints_a_table() {
+    let path = temp_path("synth-1l.gguf");
+    let file = path.to_str().unwrap();
+    let out = moeshard(
+        &["synth", "--arch", "mellum", "--preset", "mellum2-12b", "--layers", "1", "--type", "q4_k_m", "-o", file],
+        TIMEOUT,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("1 layers"), "{}", stderr(&out));
+
+    let out = moeshard(&["bench", "-m", file, "-p", "8", "-n", "4", "-r", "1", "-t", "2"], TIMEOUT);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(table.starts_with("| model | size | params | backend | threads | test | t/s |"), "{table}");
+    for test in ["| pp8 |", "| tg4 |", "read bandwidth: "] {
+        assert!(table.contains(test), "{test} missing from:\n{table}");
+    }
+    assert!(table.contains("mellum Q4_K - Medium"), "{table}");
+
+    let out = moeshard(&["bench", "-m", file, "-p", "0", "-n", "2", "-r", "2", "-t", "1", "-o", "json"], TIMEOUT);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let tests = report["tests"].as_array().unwrap();
+    assert_eq!(tests.len(), 1);
+    assert_eq!(tests[0]["test"], "tg2");
+    assert_eq!(tests[0]["samples_ts"].as_array().unwrap().len(), 2);
+    // One token per step: dense weights plus 8 experts of the one layer, and less than the file.
+    let per_token = tests[0]["weight_bytes_per_token"].as_f64().unwrap();
+    let size = report["size_bytes"].as_f64().unwrap();
+    assert!(per_token > 0.3 * size && per_token < size, "{per_token} of {size}");
+    assert!(report["read_bandwidth_gbps"].as_f64().unwrap() > 0.0);
+    std::fs::remove_file(&path).unwrap();
+}

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use clap::Args;
+use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::model::Arch;
@@ -44,7 +44,8 @@ pub fn synth(args: SynthArgs) -> anyhow::Result<()> {
         Arch::Mellum => "mellum",
         Arch::Qwen3Moe => "qwen3moe",
     };
-    anyhow::ensure!(arch == args.arch, "--preset {:?} is a {arch} model, not {}", args.preset, args.arch);
+    let preset = args.preset.to_possible_value().expect("every preset has a name");
+    anyhow::ensure!(arch == args.arch, "--preset {} is a {arch} model, not {}", preset.get_name(), args.arch);
     if let Some(n) = args.layers {
         anyhow::ensure!((1..=g.n_layer).contains(&n), "--layers must be between 1 and {}", g.n_layer);
         g.n_layer = n;
