@@ -34,8 +34,14 @@ pub fn load(args: &ModelArgs) -> anyhow::Result<Loaded> {
     let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     anyhow::ensure!(threads > 0, "-t must be at least 1");
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().context("building the thread pool")?;
-    let gguf = Arc::new(GgufFile::open(&args.model)?);
-    page_in(&gguf);
+    let gguf = match args.no_mmap {
+        true => Arc::new(GgufFile::read(&args.model)?),
+        false => {
+            let gguf = Arc::new(GgufFile::open(&args.model)?);
+            page_in(&gguf);
+            gguf
+        }
+    };
     let model = Arc::new(Model::from_gguf(gguf.clone())?);
     let tokenizer = Tokenizer::from_gguf(&gguf)?;
     let n_ctx = args.ctx_size.unwrap_or(DEFAULT_CTX.min(model.config.n_ctx_train));

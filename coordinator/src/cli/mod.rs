@@ -59,6 +59,10 @@ pub struct ModelArgs {
     /// KV cache type for values: f32, f16, bf16, q8_0 (`-ctv`).
     #[arg(long = "cache-type-v", default_value = "f16", value_parser = parse_kv_type)]
     pub cache_type_v: KvType,
+    /// Read the model into memory instead of mapping it (llama.cpp's `--no-mmap`): the weights
+    /// then stay resident even where the kernel reclaims page cache aggressively.
+    #[arg(long = "no-mmap")]
+    pub no_mmap: bool,
     /// Worker pooling options.
     #[command(flatten)]
     pub cluster: ClusterArgs,

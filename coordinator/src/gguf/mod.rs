@@ -123,6 +123,18 @@ impl GgufFile {
         GgufFile::parse(path, Bytes::Mapped(mmap))
     }
 
+    /// Reads `path` whole into memory (no mapping; llama.cpp's `--no-mmap`), then parses and
+    /// validates it as [`GgufFile::open`] does. Costs the file's size in anonymous memory, which
+    /// the kernel cannot drop and re-read the way it can a mapping's page cache.
+    ///
+    /// # Errors
+    /// [`GgufError::Io`] when the file cannot be read, else the first problem found.
+    pub fn read(path: impl AsRef<Path>) -> Result<GgufFile, GgufError> {
+        let path = path.as_ref().to_path_buf();
+        let bytes = std::fs::read(&path).map_err(|source| GgufError::Io { file: path.clone(), source })?;
+        GgufFile::parse(path, Bytes::Owned(bytes))
+    }
+
     /// Parses and validates a GGUF file held in memory, exactly as [`GgufFile::open`] does a file
     /// on disk (same reader, same checks). `name` stands for the file in errors and in
     /// [`GgufFile::path`]; nothing is read from it.
