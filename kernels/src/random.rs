@@ -26,7 +26,8 @@ pub struct Init {
 /// scale and min is uniform over its bits) and, in each block, f16 super-scales `d` (and
 /// `dmin`) of `u x d0` (`u x dmin0`), `u` uniform in [0.5, 1.5); `d0` and `dmin0` are calibrated
 /// by dequantizing sample blocks with the kernels, so that the weights' standard deviation is
-/// about `init.std` and their mean about 0. (`init.mean` is ignored for quant types.)
+/// about `init.std` (4% more from the spread of `u`) and their mean about 0. (`init.mean` is
+/// ignored for quant types.)
 #[derive(Clone, Debug)]
 pub struct BlockFiller {
     ty: GgmlType,
@@ -61,20 +62,16 @@ impl BlockFiller {
         let mut rng = ChaCha8Rng::seed_from_u64(0);
         let mut sample = vec![0u8; CALIBRATION_BLOCKS * ty.type_size()];
         rng.fill_bytes(&mut sample);
-        // Weights are linear in `d` and `dmin`: measure them with (d, dmin) = (1, 0) and (0, 1).
-        let (d_mean, d_std) = moments(ty, &with_scales(ty, &sample, d_at, dmin_at, 1.0, 0.0));
-        let mut d0 = init.std / d_std;
-        let mut dmin = dmin_at.map(|at| {
-            let (m_mean, _) = moments(ty, &with_scales(ty, &sample, d_at, dmin_at, 0.0, 1.0));
-            (at, -d_mean * d0 / m_mean)
-        });
-        // Random per-sub-block mins add spread of their own: rescale both (the mean stays ~0).
-        if let Some((at, m)) = dmin.as_mut() {
-            let (_, std) = moments(ty, &with_scales(ty, &sample, d_at, Some(*at), d0, *m));
-            d0 *= init.std / std;
-            *m *= init.std / std;
-        }
-        BlockFiller { ty, init, d: Some((d_at, d0)), dmin }
+        // Weights are linear in `d` and `dmin`: the means with (d, dmin) = (1, 0) and (0, 1) give
+        // the `dmin / d` ratio that centres them, then both are scaled to the requested spread.
+        let (d_mean, _) = moments(ty, &with_scales(ty, &sample, d_at, dmin_at, 1.0, 0.0));
+        let ratio = match dmin_at {
+            Some(_) => -d_mean / moments(ty, &with_scales(ty, &sample, d_at, dmin_at, 0.0, 1.0)).0,
+            None => 0.0,
+        };
+        let (_, std) = moments(ty, &with_scales(ty, &sample, d_at, dmin_at, 1.0, ratio));
+        let d0 = init.std / std;
+        BlockFiller { ty, init, d: Some((d_at, d0)), dmin: dmin_at.map(|at| (at, ratio * d0)) }
     }
 
     /// Fills `out` (whole rows of this filler's type) from `rng`.

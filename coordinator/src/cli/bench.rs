@@ -184,7 +184,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         if args.output == Format::Md {
             writeln!(
                 out,
-                "| {} | {:.2} GiB | {} | {} | {} | {} | {:.2} ± {:.2} | {:.3} GB | {:.2} | {:.0}% |",
+                "| {} | {:.2} GiB | {} | {} | {} | {} | {:.2} ± {:.2} | {:.1} MB | {:.2} | {:.0}% |",
                 report.model,
                 report.size_bytes as f64 / f64::from(1u32 << 30),
                 params_label(report.params),
@@ -193,7 +193,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 result.test,
                 result.ts.mean,
                 result.ts.stddev,
-                per_token / 1e9,
+                per_token / 1e6,
                 achieved,
                 100.0 * result.bandwidth_share,
             )?;
