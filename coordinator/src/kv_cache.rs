@@ -88,6 +88,16 @@ pub struct KvCache {
     v_type: KvType,
 }
 
+/// `len` zero bytes, written now rather than left to the first touch of each page (as
+/// `vec![0; len]`, a `calloc`, would), so a cache costs its full size from the start and the
+/// process's resident memory does not creep up as contexts grow (llama.cpp clears its KV buffers
+/// at allocation too).
+fn resident_zeros(len: usize) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(len);
+    bytes.resize(len, 0);
+    bytes
+}
+
 impl KvCache {
     /// Allocates a cache for `n_ctx` tokens, written in batches of at most `n_ubatch` tokens.
     pub fn new(
@@ -111,8 +121,8 @@ impl KvCache {
                 LayerCache {
                     capacity,
                     window,
-                    k: vec![0; capacity * k_type.storage().1.row_bytes(row_elems)],
-                    v: vec![0; capacity * v_type.storage().1.row_bytes(row_elems)],
+                    k: resident_zeros(capacity * k_type.storage().1.row_bytes(row_elems)),
+                    v: resident_zeros(capacity * v_type.storage().1.row_bytes(row_elems)),
                 }
             })
             .collect();
