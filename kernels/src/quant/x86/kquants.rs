@@ -15,7 +15,7 @@ use super::{Dot, f16_at, hsum_i32, load};
 /// Bytes of a `block_q8_K`; `d` at 0, quants at 4, `bsums` at 260.
 pub(super) const Q8_K_BYTES: usize = 292;
 pub(super) const Q8_K_QS: usize = 4;
-const Q8_K_BSUMS: usize = 260;
+pub(super) const Q8_K_BSUMS: usize = 260;
 
 /// A Q8_K block's pointers and `d` for column `c` of super-block `i`.
 ///

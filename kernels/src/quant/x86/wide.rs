@@ -10,8 +10,8 @@
 use std::arch::x86_64::*;
 
 use super::super::kquants::{k4_scales_mins, q3_k_scales};
-use super::kquants::{Q8_K_BYTES, Q8_K_QS, bsum_dot, paired_mins, q8_k_block};
-use super::{f16_at, load};
+use super::kquants::{Q8_K_BSUMS, Q8_K_BYTES, Q8_K_QS, paired_mins};
+use super::{hsum_f32, load};
 
 /// Loads 64 bytes from `p`.
 ///
@@ -33,6 +33,80 @@ unsafe fn scaled_dot(acc: __m512i, u: __m512i, a: *const u8, scales: __m512i) ->
     }
 }
 
+/// Per-column f32 accumulators of the k-quant kernels: `main` takes `(d * a.d) * isum` of each
+/// super-block in sixteen lanes (the integer lanes converted, no horizontal sum per block), `side`
+/// takes `(s * a.d) * sum(bsums * m)` in eight lanes, where `s` is `dmin` (Q4_K) or `offset *
+/// d` (Q3_K, Q6_K) and `m` the mins or scales; the row's result is `sum(main) - sum(side)`.
+struct KAcc<const C: usize> {
+    main: [__m512; C],
+    side: [__m256; C],
+}
+
+impl<const C: usize> KAcc<C> {
+    /// Zero accumulators.
+    ///
+    /// # Safety
+    /// AVX-512 F.
+    #[inline(always)]
+    unsafe fn new() -> Self {
+        unsafe { KAcc { main: [_mm512_setzero_ps(); C], side: [_mm256_setzero_ps(); C] } }
+    }
+
+    /// Adds super-block `i`: `acc[c]` its integer lanes per column, `m16` the sixteen i16
+    /// multipliers of the Q8_K block sums, `d` and `s` the block's scales in every lane.
+    ///
+    /// # Safety
+    /// Every `a[c]` holds more than `i` Q8_K blocks; AVX-512 F/BW/VL.
+    #[inline(always)]
+    unsafe fn add(&mut self, a: &[&[u8]; C], i: usize, acc: &[__m512i; C], m16: __m256i, d: __m512, s: __m256) {
+        unsafe {
+            for c in 0..C {
+                let p = a[c].as_ptr().add(i * Q8_K_BYTES);
+                let ad = p.cast::<f32>().read_unaligned();
+                let side = _mm256_cvtepi32_ps(_mm256_madd_epi16(load(p.add(Q8_K_BSUMS)), m16));
+                self.main[c] =
+                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[c]), _mm512_mul_ps(d, _mm512_set1_ps(ad)), self.main[c]);
+                self.side[c] = _mm256_fmadd_ps(side, _mm256_mul_ps(s, _mm256_set1_ps(ad)), self.side[c]);
+            }
+        }
+    }
+
+    /// The row's results.
+    ///
+    /// # Safety
+    /// AVX-512 F.
+    #[inline(always)]
+    unsafe fn finish(&self, out: &mut [f32; C]) {
+        unsafe {
+            for c in 0..C {
+                out[c] = hsum16_f32(self.main[c]) - hsum_f32(self.side[c]);
+            }
+        }
+    }
+}
+
+/// Sum of the sixteen f32 lanes in a fixed order (`_mm512_reduce_add_ps` lets LLVM reassociate,
+/// so its rounding could change with the surrounding code, e.g. the column count).
+///
+/// # Safety
+/// AVX-512 F.
+#[inline(always)]
+unsafe fn hsum16_f32(v: __m512) -> f32 {
+    unsafe {
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+        hsum_f32(_mm256_add_ps(_mm512_castps512_ps256(v), hi))
+    }
+}
+
+/// The f16 `bits` as f32 in all sixteen lanes (a vector conversion: no false dependency).
+///
+/// # Safety
+/// AVX-512 F, F16C.
+#[inline(always)]
+unsafe fn f16_splat16(p: *const u8) -> __m512 {
+    unsafe { _mm512_cvtph_ps(_mm256_set1_epi16(p.cast::<i16>().read_unaligned())) }
+}
+
 /// Q4_K: per 32-byte chunk `j` of quants, one vector of its 32 low nibbles (sub-block `2j`)
 /// then its 32 high nibbles (sub-block `2j + 1`), against the 64 contiguous activations.
 ///
@@ -41,7 +115,7 @@ unsafe fn scaled_dot(acc: __m512i, u: __m512i, a: *const u8, scales: __m512i) ->
 #[inline(always)]
 pub(super) unsafe fn q4_k<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, out: &mut [f32; C]) {
     unsafe {
-        let mut sumf = [0.0f32; C];
+        let mut total = KAcc::<C>::new();
         let low4 = _mm512_set1_epi8(0xF);
         for i in 0..nb {
             let b = w.as_ptr().add(i * 144);
@@ -64,15 +138,10 @@ pub(super) unsafe fn q4_k<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, o
                     acc[c] = scaled_dot(acc[c], u, a[c].as_ptr().add(i * Q8_K_BYTES + Q8_K_QS + 64 * j), sc);
                 }
             }
-            let (d, dmin) = (f16_at(b), f16_at(b.add(2)));
-            for c in 0..C {
-                let (p, ad) = q8_k_block(a, c, i);
-                let isum = _mm512_reduce_add_epi32(acc[c]);
-                let summs = bsum_dot(p, mins16);
-                sumf[c] += d * ad * isum as f32 - dmin * ad * summs as f32;
-            }
+            let dmin = _mm512_castps512_ps256(f16_splat16(b.add(2)));
+            total.add(a, i, &acc, mins16, f16_splat16(b), dmin);
         }
-        *out = sumf;
+        total.finish(out);
     }
 }
 
@@ -97,7 +166,7 @@ unsafe fn quad_scales(s: __m128i, k0: usize) -> __m512i {
 #[inline(always)]
 pub(super) unsafe fn q6_k<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, out: &mut [f32; C]) {
     unsafe {
-        let mut sumf = [0.0f32; C];
+        let mut total = KAcc::<C>::new();
         let (low4, high2) = (_mm512_set1_epi8(0xF), _mm512_set1_epi8(0x30));
         // Per 256-bit half: groups 0 | 1 take qh bits 0-1 | 2-3 up to bits 4-5 (<< 4 | << 2);
         // groups 2 | 3 take bits 4-5 | 6-7 (>> 0 | >> 2).
@@ -124,14 +193,11 @@ pub(super) unsafe fn q6_k<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, o
                     acc[c] = scaled_dot(acc[c], g23, p.add(64), s23);
                 }
             }
-            let d = f16_at(b.add(208));
-            for c in 0..C {
-                let (p, ad) = q8_k_block(a, c, i);
-                let isum = _mm512_reduce_add_epi32(acc[c]) - 32 * bsum_dot(p, s16);
-                sumf[c] += d * ad * isum as f32;
-            }
+            let d = f16_splat16(b.add(208));
+            let offset = _mm256_mul_ps(_mm512_castps512_ps256(d), _mm256_set1_ps(32.0));
+            total.add(a, i, &acc, s16, d, offset);
         }
-        *out = sumf;
+        total.finish(out);
     }
 }
 
@@ -243,7 +309,7 @@ unsafe fn signed_pairs<const TYPE: u8, const C: usize>(w: &[u8], a: &[&[u8]; C],
             }
         }
         for c in 0..C {
-            out[c] = _mm512_reduce_add_ps(acc[c]);
+            out[c] = hsum16_f32(acc[c]);
         }
     }
 }
@@ -256,7 +322,7 @@ unsafe fn signed_pairs<const TYPE: u8, const C: usize>(w: &[u8], a: &[&[u8]; C],
 #[inline(always)]
 pub(super) unsafe fn q3_k<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, out: &mut [f32; C]) {
     unsafe {
-        let mut sumf = [0.0f32; C];
+        let mut total = KAcc::<C>::new();
         let (low2, one) = (_mm512_set1_epi8(3), _mm512_set1_epi8(1));
         // Shift counts (in 16-bit lanes) of the lower and upper 256-bit half.
         let counts = |lo: i16, hi: i16| _mm512_inserti64x4::<1>(_mm512_set1_epi16(lo), _mm256_set1_epi16(hi));
@@ -281,13 +347,10 @@ pub(super) unsafe fn q3_k<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, o
                     }
                 }
             }
-            let d = f16_at(b.add(108));
-            for c in 0..C {
-                let (p, ad) = q8_k_block(a, c, i);
-                let isum = _mm512_reduce_add_epi32(acc[c]) - 4 * bsum_dot(p, s16);
-                sumf[c] += d * ad * isum as f32;
-            }
+            let d = f16_splat16(b.add(108));
+            let offset = _mm256_mul_ps(_mm512_castps512_ps256(d), _mm256_set1_ps(4.0));
+            total.add(a, i, &acc, s16, d, offset);
         }
-        *out = sumf;
+        total.finish(out);
     }
 }
