@@ -5,18 +5,20 @@
 //! batched decoding); with `C = 1` it is the GEMV of single-token decoding. The arithmetic of
 //! each column is the same whatever `C`, so a token's result does not depend on its batch.
 //!
-//! The kernels work on 256-bit vectors and are written once, generic over [`Dot`], the
+//! The 256-bit kernels (`kquants.rs`, `legacy.rs`) are written once, generic over [`Dot`], the
 //! `u8 x i8 -> i32` multiply-add of four byte pairs per lane: AVX2's `vpmaddubsw` + `vpmaddwd`
 //! ([`Avx2`]) or AVX-512 VNNI's single `vpdpbusd` on 256-bit registers ([`Vnni`], which also
-//! brings 32 vector registers and byte masks). The `u8` side is always a weight quant made
-//! non-negative (0..=63, or `|w|` for Q8_0), so `vpmaddubsw`'s i16 saturation is never reached
-//! (at most 2 x 128 x 127 = 32512).
+//! brings 32 vector registers and byte masks). The AVX-512 VNNI build uses 512-bit kernels
+//! (`wide.rs`) instead for Q3_K, Q4_K, Q6_K, Q4_0, Q5_0 and Q8_0. The `u8` side is always a
+//! weight quant made non-negative (0..=63, or `|w|` for the signed types), so `vpmaddubsw`'s i16
+//! saturation is never reached (at most 2 x 128 x 127 = 32512).
 //!
-//! Exactness: the k-quant kernels (`kquants.rs`) compute each super-block's integer sums exactly
-//! and then apply the same f32 operations in the same order as the portable kernels in
-//! `quant/kquants.rs`, so their results are bit-identical to them. The 32-element legacy types
-//! (`legacy.rs`) accumulate `d_w * d_a * sum` in eight f32 lanes as ggml's AVX2 kernels do, so
-//! they differ from the portable kernels by float summation order only.
+//! Exactness: integer sums are exact everywhere; only the f32 summation order differs from the
+//! portable kernels. The 256-bit k-quant kernels even apply the portable kernels' f32 operations
+//! per super-block in their order, so they are bit-identical to them; the 512-bit kernels
+//! accumulate scaled blocks in f32 lanes and sum across lanes once per row, as the 32-element
+//! legacy kernels do (like ggml's AVX2 kernels). Whatever the kernel, a column's operations
+//! never depend on the column count.
 
 mod kquants;
 mod legacy;
