@@ -92,6 +92,7 @@ pub struct KvCache {
 /// `vec![0; len]`, a `calloc`, would), so a cache costs its full size from the start and the
 /// process's resident memory does not creep up as contexts grow (llama.cpp clears its KV buffers
 /// at allocation too).
+#[allow(clippy::slow_vector_initialization)] // `vec![0; len]` is the lazy zeroing avoided here.
 fn resident_zeros(len: usize) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(len);
     bytes.resize(len, 0);

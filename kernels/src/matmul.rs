@@ -107,7 +107,7 @@ impl QuantizedActivations {
 }
 
 /// Weight rows per work item for a matrix of `rows` rows on the current pool.
-pub fn rows_per_chunk(rows: usize) -> usize {
+pub(crate) fn rows_per_chunk(rows: usize) -> usize {
     let items = rayon::current_num_threads().max(1) * CHUNKS_PER_THREAD;
     rows.div_ceil(items).next_multiple_of(ROW_ALIGN).clamp(ROW_ALIGN, MAX_ROWS_PER_CHUNK)
 }
@@ -115,7 +115,7 @@ pub fn rows_per_chunk(rows: usize) -> usize {
 /// `dot(w.row(r), x[t])` for every `r` in `rows` and every activation row `x[t]` (in
 /// `w.ty.vec_dot_type()` layout), handed to `sink(r, t, value)`; tokens in tiles of
 /// [`TOKEN_TILE`], [`MAX_COLS`] per kernel call. Single-threaded: the caller parallelizes.
-pub fn dot_rows(w: &QMatrix, x: &[&[u8]], rows: Range<usize>, mut sink: impl FnMut(usize, usize, f32)) {
+pub(crate) fn dot_rows(w: &QMatrix, x: &[&[u8]], rows: Range<usize>, mut sink: impl FnMut(usize, usize, f32)) {
     let kernel = DotKernel::new(Isa::active(), w.ty, w.cols);
     let mut values = [0.0f32; MAX_COLS];
     for (tile_index, tile) in x.chunks(TOKEN_TILE).enumerate() {
@@ -135,7 +135,7 @@ pub fn dot_rows(w: &QMatrix, x: &[&[u8]], rows: Range<usize>, mut sink: impl FnM
 
 /// A `[n, len]`-shaped f32 output that parallel work items fill at disjoint indices.
 #[derive(Clone, Copy)]
-pub struct DisjointOut {
+pub(crate) struct DisjointOut {
     ptr: *mut f32,
     len: usize,
 }
@@ -149,7 +149,7 @@ unsafe impl Sync for DisjointOut {}
 impl DisjointOut {
     /// Wraps `out`; the wrapper must not outlive the borrow (use it inside the scope that owns
     /// `out`, e.g. a rayon `for_each`).
-    pub fn new(out: &mut [f32]) -> Self {
+    pub(crate) fn new(out: &mut [f32]) -> Self {
         DisjointOut { ptr: out.as_mut_ptr(), len: out.len() }
     }
 
@@ -158,7 +158,7 @@ impl DisjointOut {
     /// # Safety
     /// No other thread reads or writes index `i` while the wrapped slice is shared, and the
     /// slice is still borrowed.
-    pub unsafe fn write(&self, i: usize, value: f32) {
+    pub(crate) unsafe fn write(&self, i: usize, value: f32) {
         assert!(i < self.len, "index {i} of {}", self.len);
         // SAFETY: in bounds (checked); exclusive per the caller's contract.
         unsafe { self.ptr.add(i).write(value) }

@@ -78,8 +78,8 @@ impl<const C: usize> KAcc<C> {
     #[inline(always)]
     unsafe fn finish(&self, out: &mut [f32; C]) {
         unsafe {
-            for c in 0..C {
-                out[c] = hsum16_f32(self.main[c]) - hsum_f32(self.side[c]);
+            for (o, (&main, &side)) in out.iter_mut().zip(self.main.iter().zip(&self.side)) {
+                *o = hsum16_f32(main) - hsum_f32(side);
             }
         }
     }
