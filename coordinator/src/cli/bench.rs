@@ -256,14 +256,8 @@ fn traffic(cluster: Option<&ClusterExperts>, before: &[Counters], tokens: u64) -
         .zip(snapshots(Some(cluster)))
         .zip(before)
         .map(|((link, now), before)| {
-            let mut rtt_us: Vec<u32> = now
-                .rtt_us
-                .iter()
-                .enumerate()
-                .flat_map(|(layer, v)| v.iter().skip(before.rtt_us.get(layer).map_or(0, Vec::len)).copied())
-                .collect();
-            rtt_us.sort_unstable();
-            let ms = |us: u32| f64::from(us) / 1e3;
+            let rtts = now.rtt_all_layers().since(&before.rtt_all_layers());
+            let ms = |d: Option<std::time::Duration>| d.map_or(0.0, |d| d.as_secs_f64() * 1e3);
             let round_trips = now.round_trips - before.round_trips;
             let (bytes_out, bytes_in) = (now.bytes_out - before.bytes_out, now.bytes_in - before.bytes_in);
             WorkerTraffic {
@@ -273,8 +267,8 @@ fn traffic(cluster: Option<&ClusterExperts>, before: &[Counters], tokens: u64) -
                 bytes_in,
                 round_trips_per_token: round_trips as f64 / tokens,
                 bytes_per_token: (bytes_out + bytes_in) as f64 / tokens,
-                rtt_mean_ms: rtt_us.iter().map(|&u| ms(u)).sum::<f64>() / rtt_us.len().max(1) as f64,
-                rtt_p99_ms: rtt_us.get((rtt_us.len() * 99).div_ceil(100).saturating_sub(1)).map_or(0.0, |&u| ms(u)),
+                rtt_mean_ms: ms(rtts.mean()),
+                rtt_p99_ms: ms(rtts.quantile(0.99)),
             }
         })
         .collect()

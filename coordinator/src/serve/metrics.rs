@@ -89,13 +89,10 @@ impl Metrics {
             for member in cluster.iter().flat_map(|c| c.members()) {
                 let c = member.stats().snapshot();
                 let labels = [("worker", member.name().to_owned())];
-                let mut rtts: Vec<u32> = c.rtt_us.iter().flatten().copied().collect();
-                rtts.sort_unstable();
-                if let Some(&max) = rtts.last() {
-                    let mean = rtts.iter().map(|&x| f64::from(x)).sum::<f64>() / rtts.len() as f64;
-                    let p99 = rtts.get((rtts.len() * 99).div_ceil(100).saturating_sub(1)).copied().unwrap_or(max);
-                    gauge!("moeshard_worker_rtt_mean_seconds", &labels).set(mean * 1e-6);
-                    gauge!("moeshard_worker_rtt_p99_seconds", &labels).set(f64::from(p99) * 1e-6);
+                let rtts = c.rtt_all_layers();
+                if let (Some(mean), Some(p99)) = (rtts.mean(), rtts.quantile(0.99)) {
+                    gauge!("moeshard_worker_rtt_mean_seconds", &labels).set(mean.as_secs_f64());
+                    gauge!("moeshard_worker_rtt_p99_seconds", &labels).set(p99.as_secs_f64());
                 }
                 counter!("moeshard_worker_round_trips_total", &labels).absolute(c.round_trips);
                 counter!("moeshard_worker_bytes_sent_total", &labels).absolute(c.bytes_out);
