@@ -18,6 +18,9 @@ use crate::engine::EngineStats;
 const TTFT: &str = "moeshard_time_to_first_token_seconds";
 const TTFT_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
+/// How often [`Metrics::upkeep`] folds histogram samples.
+const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The server's metrics.
 pub struct Metrics {
     recorder: PrometheusRecorder,
@@ -60,6 +63,20 @@ impl Metrics {
             describe_counter!("moeshard_worker_reconnects_total", "Reconnections of a worker after a loss");
         });
         Metrics { recorder }
+    }
+
+    /// Folds recorded histogram samples into their buckets every [`UPKEEP_INTERVAL`], forever
+    /// (spawn it once per server). The exporter otherwise keeps every sample until `/metrics`
+    /// is scraped, so an unscraped server's memory would grow with each request.
+    pub fn upkeep(&self) -> impl Future<Output = ()> + Send + 'static {
+        let handle = self.recorder.handle();
+        async move {
+            let mut every = tokio::time::interval(UPKEEP_INTERVAL);
+            loop {
+                every.tick().await;
+                handle.run_upkeep();
+            }
+        }
     }
 
     fn record(&self, f: impl FnOnce()) {

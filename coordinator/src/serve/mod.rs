@@ -152,6 +152,7 @@ pub fn router(state: Arc<ServeState>, limits: &HttpLimits) -> Router {
 /// Serves on `listener` within `limits` until Ctrl-C (see [`HttpLimits`] for what each limit
 /// does to a client that reaches it).
 pub async fn serve(listener: tokio::net::TcpListener, state: Arc<ServeState>, limits: HttpLimits) {
+    tokio::spawn(state.metrics.upkeep());
     let app = router(state, &limits);
     http::serve_connections(listener, app, limits, async {
         let _ = tokio::signal::ctrl_c().await;
