@@ -221,12 +221,14 @@ pub fn grouped_expert_ffn_quantized<'a>(
     // Pass 1: hidden[g] = silu(gate(x)) * up(x), `[n_tok, n_ff]` per group.
     let mut hidden: Vec<Vec<f32>> = groups.iter().map(|g| vec![0.0; g.route_ids.len() * g.ffn.gate.rows]).collect();
     let hidden_out: Vec<DisjointOut> = hidden.iter_mut().map(|h| DisjointOut::new(h)).collect();
+    let gate_in: Vec<Vec<&[u8]>> = groups.iter().map(ExpertGroup::gate_rows).collect();
+    let up_in: Vec<Vec<&[u8]>> = groups.iter().map(ExpertGroup::up_rows).collect();
     work_items(&groups, |g| g.ffn.gate.rows).into_par_iter().for_each(|(gi, rows)| {
-        let g = &groups[gi];
+        let (g, gate_in, up_in) = (&groups[gi], &gate_in[gi], &up_in[gi]);
         let (n_tok, n_ff) = (g.route_ids.len(), g.ffn.gate.rows);
         let mut gate = vec![0.0f32; rows.len() * n_tok];
-        dot_rows(&g.ffn.gate, &g.gate_rows(), rows.clone(), |r, t, v| gate[(r - rows.start) * n_tok + t] = v);
-        dot_rows(&g.ffn.up, &g.up_rows(), rows.clone(), |r, t, v| {
+        dot_rows(&g.ffn.gate, gate_in, rows.clone(), |r, t, v| gate[(r - rows.start) * n_tok + t] = v);
+        dot_rows(&g.ffn.up, up_in, rows.clone(), |r, t, v| {
             let h = silu(gate[(r - rows.start) * n_tok + t]) * v;
             // SAFETY: this item alone writes columns `rows` of group `gi`'s hidden rows.
             unsafe { hidden_out[gi].write(t * n_ff + r, h) };
@@ -243,10 +245,10 @@ pub fn grouped_expert_ffn_quantized<'a>(
     // Pass 2: results[route] = down(hidden), one `n_embd` row per route.
     let mut results = vec![0.0f32; routes.len() * n_embd];
     let results_out = DisjointOut::new(&mut results);
+    let act_rows: Vec<Vec<&[u8]>> = acts.iter().map(|a| (0..a.n_rows).map(|t| a.row(t)).collect()).collect();
     work_items(&groups, |g| g.ffn.down.rows).into_par_iter().for_each(|(gi, rows)| {
-        let (g, act) = (&groups[gi], &acts[gi]);
-        let x: Vec<&[u8]> = (0..act.n_rows).map(|t| act.row(t)).collect();
-        dot_rows(&g.ffn.down, &x, rows, |r, t, v| {
+        let g = &groups[gi];
+        dot_rows(&g.ffn.down, &act_rows[gi], rows, |r, t, v| {
             // SAFETY: each route belongs to one group, and this item alone writes columns `rows`.
             unsafe { results_out.write(g.route_ids[t] * n_embd + r, v) };
         });

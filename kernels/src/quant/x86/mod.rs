@@ -94,8 +94,13 @@ pub enum X86Isa {
 }
 
 impl X86Isa {
-    /// The best instruction set this CPU supports, if any.
+    /// The best instruction set this CPU supports, if any (detected once per process).
     pub fn detect() -> Option<Self> {
+        static BEST: std::sync::OnceLock<Option<X86Isa>> = std::sync::OnceLock::new();
+        *BEST.get_or_init(Self::probe)
+    }
+
+    fn probe() -> Option<Self> {
         let avx2 =
             is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
         let vnni = is_x86_feature_detected!("avx512f")
