@@ -3,9 +3,10 @@
 //! 896-wide experts fall back to them). The other types use the 256-bit kernels.
 //!
 //! Same arithmetic as the 256-bit kernels (see the parent module), 64 weights per instruction:
-//! the k-quants stay bit-identical to the portable kernels; the 32-element types accumulate
-//! `(d_w * d_a) * sum` for two blocks at a time in sixteen f32 lanes (f32 summation order
-//! differs from the portable kernel, never with the column count).
+//! integer sums are exact; the k-quants accumulate each super-block's scaled lanes, the
+//! 32-element types `(d_w * d_a) * sum` for two blocks at a time, in sixteen f32 lanes summed
+//! once per row (f32 summation order differs from the portable kernel, never with the column
+//! count).
 
 use std::arch::x86_64::*;
 
@@ -22,24 +23,35 @@ unsafe fn load512(p: *const u8) -> __m512i {
     unsafe { _mm512_loadu_si512(p.cast()) }
 }
 
-/// `acc + vpdpbusd(u, a) * scales` lane by lane (sixteen i32 lanes).
+/// `acc + dot(u, a) * scales` lane by lane (sixteen i32 lanes, four weights each): `vpmaddubsw`
+/// then `vpdpwssd` with `scales` as [`pair16`] i16 pairs; exact, as the weights are at most 63
+/// (`2 * 63 * 128` fits an i16), and two instructions where `vpdpbusd` needs a multiply and an
+/// add more.
 ///
 /// # Safety
-/// `a..a + 64` readable; AVX-512 F/VNNI.
+/// `a..a + 64` readable; AVX-512 BW/VNNI.
 #[inline(always)]
 unsafe fn scaled_dot(acc: __m512i, u: __m512i, a: *const u8, scales: __m512i) -> __m512i {
-    unsafe {
-        _mm512_add_epi32(acc, _mm512_mullo_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u, load512(a)), scales))
-    }
+    unsafe { _mm512_dpwssd_epi32(acc, _mm512_maddubs_epi16(u, load512(a)), scales) }
 }
 
-/// Per-column f32 accumulators of the k-quant kernels: `main` takes `(d * a.d) * isum` of each
-/// super-block in sixteen lanes (the integer lanes converted, no horizontal sum per block), `side`
-/// takes `(s * a.d) * sum(bsums * m)` in eight lanes, where `s` is `dmin` (Q4_K) or `offset *
-/// d` (Q3_K, Q6_K) and `m` the mins or scales; the row's result is `sum(main) - sum(side)`.
+/// Each i32 lane's value (in i16 range) in both of its i16 halves: the multipliers of
+/// [`scaled_dot`].
+///
+/// # Safety
+/// AVX-512 F.
+#[inline(always)]
+unsafe fn pair16(x: __m512i) -> __m512i {
+    unsafe { _mm512_or_si512(_mm512_and_si512(x, _mm512_set1_epi32(0xFFFF)), _mm512_slli_epi32::<16>(x)) }
+}
+
+/// Per-column f32 accumulators of the k-quant kernels, sixteen lanes each: per super-block
+/// `(d * a.d) * isum` of its integer lanes (converted, no horizontal sum per block), less the
+/// block-sum term `sum(bsums * m)` of the weights' offset in the lower eight lanes. One register
+/// per column, so eight columns of integer and f32 accumulators fit AVX-512's 32 registers beside
+/// the unpacked weights.
 struct KAcc<const C: usize> {
     main: [__m512; C],
-    side: [__m256; C],
 }
 
 impl<const C: usize> KAcc<C> {
@@ -49,24 +61,51 @@ impl<const C: usize> KAcc<C> {
     /// AVX-512 F.
     #[inline(always)]
     unsafe fn new() -> Self {
-        unsafe { KAcc { main: [_mm512_setzero_ps(); C], side: [_mm256_setzero_ps(); C] } }
+        unsafe { KAcc { main: [_mm512_setzero_ps(); C] } }
     }
 
-    /// Adds super-block `i`: `acc[c]` its integer lanes per column, `m16` the sixteen i16
-    /// multipliers of the Q8_K block sums, `d` and `s` the block's scales in every lane.
+    /// Adds super-block `i` of a type whose weights are `d * scale * (u - 2^SHIFT)` (Q3_K: 2,
+    /// Q6_K: 5): `acc[c]` its integer lanes `sum(scale * u * a)` per column, `m16` the sixteen
+    /// i16 scales, `d` the block's scale in every lane. The offset term `2^SHIFT * sum(bsums *
+    /// scales)` is subtracted in integers, so each block adds one rounded product.
     ///
     /// # Safety
     /// Every `a[c]` holds more than `i` Q8_K blocks; AVX-512 F/BW/VL.
     #[inline(always)]
-    unsafe fn add(&mut self, a: &[&[u8]; C], i: usize, acc: &[__m512i; C], m16: __m256i, d: __m512, s: __m256) {
+    unsafe fn add_offset<const SHIFT: u32>(
+        &mut self,
+        a: &[&[u8]; C],
+        i: usize,
+        acc: &[__m512i; C],
+        m16: __m256i,
+        d: __m512,
+    ) {
         unsafe {
             for c in 0..C {
                 let p = a[c].as_ptr().add(i * Q8_K_BYTES);
-                let ad = p.cast::<f32>().read_unaligned();
-                let side = _mm256_cvtepi32_ps(_mm256_madd_epi16(load(p.add(Q8_K_BSUMS)), m16));
-                self.main[c] =
-                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[c]), _mm512_mul_ps(d, _mm512_set1_ps(ad)), self.main[c]);
-                self.side[c] = _mm256_fmadd_ps(side, _mm256_mul_ps(s, _mm256_set1_ps(ad)), self.side[c]);
+                let ad = _mm512_set1_ps(p.cast::<f32>().read_unaligned());
+                let side =
+                    _mm256_sll_epi32(_mm256_madd_epi16(load(p.add(Q8_K_BSUMS)), m16), _mm_cvtsi32_si128(SHIFT as i32));
+                let isum = _mm512_sub_epi32(acc[c], _mm512_zextsi256_si512(side));
+                self.main[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(d, ad), self.main[c]);
+            }
+        }
+    }
+
+    /// Adds super-block `i` of Q4_K (weights `d * scale * u - dmin * min`): `acc[c]` its integer
+    /// lanes per column, `m16` the sixteen i16 mins, `d` and `dmin` in every lane.
+    ///
+    /// # Safety
+    /// Every `a[c]` holds more than `i` Q8_K blocks; AVX-512 F/BW/VL.
+    #[inline(always)]
+    unsafe fn add_min(&mut self, a: &[&[u8]; C], i: usize, acc: &[__m512i; C], m16: __m256i, d: __m512, dmin: __m512) {
+        unsafe {
+            for c in 0..C {
+                let p = a[c].as_ptr().add(i * Q8_K_BYTES);
+                let ad = _mm512_set1_ps(p.cast::<f32>().read_unaligned());
+                let side = _mm512_zextps256_ps512(_mm256_cvtepi32_ps(_mm256_madd_epi16(load(p.add(Q8_K_BSUMS)), m16)));
+                let main = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[c]), _mm512_mul_ps(d, ad), self.main[c]);
+                self.main[c] = _mm512_fnmadd_ps(side, _mm512_mul_ps(dmin, ad), main);
             }
         }
     }
@@ -78,8 +117,8 @@ impl<const C: usize> KAcc<C> {
     #[inline(always)]
     unsafe fn finish(&self, out: &mut [f32; C]) {
         unsafe {
-            for (o, (&main, &side)) in out.iter_mut().zip(self.main.iter().zip(&self.side)) {
-                *o = hsum16_f32(main) - hsum_f32(side);
+            for (o, &main) in out.iter_mut().zip(&self.main) {
+                *o = hsum16_f32(main);
             }
         }
     }
@@ -133,19 +172,18 @@ pub(super) unsafe fn q4_k<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, o
                     _mm512_castsi256_si512(_mm256_set1_epi32(2 * j as i32)),
                     _mm256_set1_epi32(2 * j as i32 + 1),
                 );
-                let sc = _mm512_permutexvar_epi32(index, scales);
+                let sc = pair16(_mm512_permutexvar_epi32(index, scales));
                 for c in 0..C {
                     acc[c] = scaled_dot(acc[c], u, a[c].as_ptr().add(i * Q8_K_BYTES + Q8_K_QS + 64 * j), sc);
                 }
             }
-            let dmin = _mm512_castps512_ps256(f16_splat16(b.add(2)));
-            total.add(a, i, &acc, mins16, f16_splat16(b), dmin);
+            total.add_min(a, i, &acc, mins16, f16_splat16(b), f16_splat16(b.add(2)));
         }
         total.finish(out);
     }
 }
 
-/// Sixteen i32 lanes: four each of the i8 scales `s[k0]`, `s[k0 + 1]`, `s[k0 + 2]`, `s[k0 + 3]`
+/// Sixteen i32 lanes as [`pair16`] pairs: four each of the i8 scales `s[k0]`, `s[k0 + 1]`, `s[k0 + 2]`, `s[k0 + 3]`
 /// (the four 16-element sub-blocks a 64-weight vector covers).
 ///
 /// # Safety
@@ -155,7 +193,7 @@ unsafe fn quad_scales(s: __m128i, k0: usize) -> __m512i {
     let k = k0 as u64;
     let lo = k * 0x0101_0101 + (k + 1) * 0x0101_0101_0000_0000;
     let hi = (k + 2) * 0x0101_0101 + (k + 3) * 0x0101_0101_0000_0000;
-    unsafe { _mm512_cvtepi8_epi32(_mm_shuffle_epi8(s, _mm_set_epi64x(hi as i64, lo as i64))) }
+    unsafe { pair16(_mm512_cvtepi8_epi32(_mm_shuffle_epi8(s, _mm_set_epi64x(hi as i64, lo as i64)))) }
 }
 
 /// Q6_K: per 128-weight half, the 64 bytes of `ql` give groups 0|1 (low nibbles) and 2|3
@@ -193,9 +231,7 @@ pub(super) unsafe fn q6_k<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, o
                     acc[c] = scaled_dot(acc[c], g23, p.add(64), s23);
                 }
             }
-            let d = f16_splat16(b.add(208));
-            let offset = _mm256_mul_ps(_mm512_castps512_ps256(d), _mm256_set1_ps(32.0));
-            total.add(a, i, &acc, s16, d, offset);
+            total.add_offset::<5>(a, i, &acc, s16, f16_splat16(b.add(208)));
         }
         total.finish(out);
     }
@@ -347,9 +383,7 @@ pub(super) unsafe fn q3_k<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, o
                     }
                 }
             }
-            let d = f16_splat16(b.add(108));
-            let offset = _mm256_mul_ps(_mm512_castps512_ps256(d), _mm256_set1_ps(4.0));
-            total.add(a, i, &acc, s16, d, offset);
+            total.add_offset::<2>(a, i, &acc, s16, f16_splat16(b.add(108)));
         }
         total.finish(out);
     }
