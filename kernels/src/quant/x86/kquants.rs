@@ -9,7 +9,7 @@
 
 use std::arch::x86_64::*;
 
-use super::super::kquants::{k4_scales_mins, q3_k_scales};
+use super::super::kquants::k4_scales_mins;
 use super::{Dot, f16_at, hsum_i32, load};
 
 /// Bytes of a `block_q8_K`; `d` at 0, quants at 4, `bsums` at 260.
@@ -121,7 +121,7 @@ pub(super) unsafe fn q3_k<D: Dot, const C: usize>(w: &[u8], a: &[&[u8]; C], nb: 
         let (low2, one) = (_mm256_set1_epi8(3), _mm256_set1_epi8(1));
         for i in 0..nb {
             let b = w.as_ptr().add(i * 110);
-            let scales = _mm_loadu_si128(q3_k_scales(&b.add(96).cast::<[u8; 12]>().read_unaligned()).as_ptr().cast());
+            let scales = q3_k_scales(b.add(96));
             let s16 = _mm256_cvtepi8_epi16(scales);
             let mut hm = load(b);
             let mut acc = [_mm256_setzero_si256(); C];
@@ -207,6 +207,23 @@ pub(super) unsafe fn q5_k<D: Dot, const C: usize>(w: &[u8], a: &[&[u8]; C], nb: 
             k4_finish(&mut sumf, a, i, &acc, mins16, d, dmin);
         }
         *out = sumf;
+    }
+}
+
+/// The sixteen 6-bit Q3_K scales packed in the 12 bytes at `p`, as i8 (`scale - 32`), decoded in
+/// vector registers (ggml's `ggml_vec_dot_q3_K_q8_K` layout; the same values as
+/// the portable `q3_k_scales`, without the scalar stores a vector load would wait on).
+///
+/// # Safety
+/// `p..p + 12` readable; AVX2.
+#[inline(always)]
+pub(super) unsafe fn q3_k_scales(p: *const u8) -> __m128i {
+    unsafe {
+        let low = _mm_loadl_epi64(p.cast());
+        let high = _mm_set1_epi32(p.add(8).cast::<i32>().read_unaligned());
+        let low4 = _mm_and_si128(_mm_unpacklo_epi64(low, _mm_srli_epi16::<4>(low)), _mm_set1_epi8(0xF));
+        let high2 = _mm_and_si128(_mm_srlv_epi32(high, _mm_set_epi32(6, 4, 2, 0)), _mm_set1_epi8(3));
+        _mm_sub_epi8(_mm_or_si128(low4, _mm_slli_epi32::<4>(high2)), _mm_set1_epi8(32))
     }
 }
 

@@ -10,8 +10,8 @@
 
 use std::arch::x86_64::*;
 
-use super::super::kquants::{k4_scales_mins, q3_k_scales};
-use super::kquants::{Q8_K_BSUMS, Q8_K_BYTES, Q8_K_QS, paired_mins};
+use super::super::kquants::k4_scales_mins;
+use super::kquants::{Q8_K_BSUMS, Q8_K_BYTES, Q8_K_QS, paired_mins, q3_k_scales};
 use super::{hsum_f32, load};
 
 /// Loads 64 bytes from `p`.
@@ -359,23 +359,24 @@ unsafe fn signed_pairs<const TYPE: u8, const C: usize>(w: &[u8], a: &[&[u8]; C],
 pub(super) unsafe fn q3_k<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, out: &mut [f32; C]) {
     unsafe {
         let mut total = KAcc::<C>::new();
-        let (low2, one) = (_mm512_set1_epi8(3), _mm512_set1_epi8(1));
-        // Shift counts (in 16-bit lanes) of the lower and upper 256-bit half.
+        let (low2, four) = (_mm512_set1_epi8(3), _mm512_set1_epi8(4));
+        // Shift counts (in 16-bit lanes) of `qs` in the lower and upper 256-bit half.
         let counts = |lo: i16, hi: i16| _mm512_inserti64x4::<1>(_mm512_set1_epi16(lo), _mm256_set1_epi16(hi));
         let qs_shifts = [counts(0, 2), counts(4, 6)];
-        let hm_shifts = [[counts(0, 1), counts(2, 3)], [counts(4, 5), counts(6, 7)]];
+        // The `hmask` bit of each half's group, tested byte by byte.
+        let bits = |lo: i8, hi: i8| _mm512_inserti64x4::<1>(_mm512_set1_epi8(1 << lo), _mm256_set1_epi8(1 << hi));
+        let hm_bits = [[bits(0, 1), bits(2, 3)], [bits(4, 5), bits(6, 7)]];
         for i in 0..nb {
             let b = w.as_ptr().add(i * 110);
-            let scales = _mm_loadu_si128(q3_k_scales(&b.add(96).cast::<[u8; 12]>().read_unaligned()).as_ptr().cast());
+            let scales = q3_k_scales(b.add(96));
             let s16 = _mm256_cvtepi8_epi16(scales);
             let hm = _mm512_broadcast_i64x4(load(b));
             let mut acc = [_mm512_setzero_si512(); C];
-            for (h, hm_half) in hm_shifts.iter().enumerate() {
+            for (h, hm_half) in hm_bits.iter().enumerate() {
                 let qs = _mm512_broadcast_i64x4(load(b.add(32 + 32 * h)));
-                for (pair, (&qs_shift, &hm_shift)) in qs_shifts.iter().zip(hm_half).enumerate() {
+                for (pair, (&qs_shift, &hm_bit)) in qs_shifts.iter().zip(hm_half).enumerate() {
                     let low = _mm512_and_si512(_mm512_srlv_epi16(qs, qs_shift), low2);
-                    let high = _mm512_and_si512(_mm512_srlv_epi16(hm, hm_shift), one);
-                    let u = _mm512_or_si512(low, _mm512_slli_epi16::<2>(high));
+                    let u = _mm512_mask_add_epi8(low, _mm512_test_epi8_mask(hm, hm_bit), low, four);
                     let sc = quad_scales(scales, 8 * h + 4 * pair);
                     for c in 0..C {
                         let p = a[c].as_ptr().add(i * Q8_K_BYTES + Q8_K_QS + 128 * h + 64 * pair);
