@@ -9,7 +9,8 @@ listings) and, with probability --malformed, a malformed one (bad JSON, wrong ty
 parameters, unknown model or route, wrong method).
 
 Reports valid requests ok / failed, malformed requests answered with a 4xx, and the resident
-memory (VmRSS) of each process after the warm-up and at the end. Exits 1 if any valid request
+memory (VmRSS) of each process after the warm-up and at the end, with its samples every
+--sample seconds in between (so a plateau reads apart from steady growth). Exits 1 if any valid request
 failed, any malformed one got something other than a 4xx, a process died, or a process grew by
 --max-growth percent or more.
 
@@ -238,6 +239,7 @@ def main():
     ap.add_argument("--bin-dir", default=os.path.join(REPO, "target", "release"))
     ap.add_argument("--parallel", type=int, default=4, help="the server's --parallel")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--sample", type=float, default=10, help="seconds between RSS samples (default 10)")
     args = ap.parse_args()
 
     env = dict(os.environ, MOESHARD_CLUSTER_KEY=secrets.token_hex(16))
@@ -265,10 +267,23 @@ def main():
         warm = Stats()
         run_clients(args, host, port, args.warmup, warm, args.seed * 1000)
         start_rss = {name: rss_kib(p.pid) for name, p in procs.items()}
+        samples = {name: [] for name in procs}
+        sampling = threading.Event()
+
+        def sample():
+            while not sampling.wait(args.sample):
+                for name, p in procs.items():
+                    if p.poll() is None:
+                        samples[name].append(rss_kib(p.pid))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         stats = Stats()
         began = time.time()
         run_clients(args, host, port, args.duration, stats, args.seed * 1000 + 500)
         elapsed = time.time() - began
+        sampling.set()
+        sampler.join()
         dead = [name for name, p in procs.items() if p.poll() is not None]
         end_rss = {name: rss_kib(p.pid) for name, p in procs.items() if p.poll() is None}
     finally:
@@ -292,6 +307,11 @@ def main():
             continue
         growth = (end_rss[name] - start_rss[name]) / start_rss[name] * 100
         print(f"{name}: RSS {start_rss[name] / 1024:.1f} MiB -> {end_rss[name] / 1024:.1f} MiB ({growth:+.2f}%)")
+        trace = samples[name]
+        if trace:
+            picks = [trace[min(len(trace) - 1, len(trace) * k // 8)] for k in range(1, 9)]
+            print(f"  samples every {args.sample:.0f} s, at each eighth of the soak (MiB): "
+                  + " ".join(f"{kib / 1024:.1f}" for kib in picks))
         bad |= growth >= args.max_growth
     print("FAIL" if bad else "PASS")
     return 1 if bad else 0
