@@ -73,6 +73,24 @@ fn matmuls(c: &mut Criterion) {
     group.finish();
 }
 
+/// The output head at decode batch sizes: Mellum2's 98304-row vocabulary projection in Q6_K
+/// (llama-quantize's type for `output.weight`), 186 MB streamed from memory, times 1 and 8
+/// activation rows (one decoding step of one and of eight sequences).
+fn output_head(c: &mut Criterion) {
+    const N_VOCAB: usize = 98304;
+    let mut group = c.benchmark_group("output_head_98304x2304");
+    let ty = GgmlType::Q6_K;
+    let w = weights(ty, N_VOCAB, N_EMBD);
+    let matrix = QMatrix::new(ty, N_VOCAB, N_EMBD, &w);
+    for n_rows in [1, 8] {
+        let act = QuantizedActivations::quantize(ty.vec_dot_type(), &activations(n_rows * N_EMBD), n_rows, N_EMBD);
+        let mut out = vec![0.0f32; n_rows * N_VOCAB];
+        group.throughput(Throughput::Bytes(w.len() as u64));
+        group.bench_function(BenchmarkId::new(ty.name(), n_rows), |b| b.iter(|| matmul(&matrix, &act, &mut out)));
+    }
+    group.finish();
+}
+
 fn activation_quantization(c: &mut Criterion) {
     let mut group = c.benchmark_group("quantize_activations");
     for n_rows in [1, 64] {
@@ -158,6 +176,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = vec_dots, matmuls, activation_quantization, read_probe, rms_norms, attention, routing
+    targets = vec_dots, matmuls, output_head, activation_quantization, read_probe, rms_norms, attention, routing
 }
 criterion_main!(benches);
