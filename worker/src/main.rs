@@ -12,6 +12,7 @@ use tracing_subscriber::EnvFilter;
 const LOG_ENV: &str = "MOESHARD_LOG";
 
 fn main() -> ExitCode {
+    moeshard_kernels::allocator::limit_malloc_arenas();
     let args = Args::parse();
     let filter = EnvFilter::try_from_env(LOG_ENV).unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
