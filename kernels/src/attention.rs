@@ -43,6 +43,33 @@ impl KvRows<'_> {
         self.ty.dequantize_row(&self.data[slot * rb..(slot + 1) * rb], out);
     }
 
+    /// [`Self::read_range`], with F16 rows converted eight elements at a time by F16C when
+    /// `F16C` (the caller's build enables it) and the range is a whole number of eight.
+    #[inline(always)]
+    fn read_head<'b, const F16C: bool>(
+        &self,
+        slot: usize,
+        elems: std::ops::Range<usize>,
+        buf: &'b mut [f32],
+    ) -> &'b [f32] {
+        #[cfg(target_arch = "x86_64")]
+        if F16C && self.ty == GgmlType::F16 && elems.len().is_multiple_of(8) {
+            let start = (slot * self.row_elems + elems.start) * 2;
+            let src = &self.data[start..start + elems.len() * 2];
+            let dst = &mut buf[..elems.len()];
+            for (d, s) in dst.chunks_exact_mut(8).zip(src.chunks_exact(16)) {
+                // SAFETY: `s` is 16 readable bytes and `d` 8 writable f32; F16C is enabled in the
+                // build that instantiates `F16C = true`.
+                unsafe {
+                    use std::arch::x86_64::{_mm_loadu_si128, _mm256_cvtph_ps, _mm256_storeu_ps};
+                    _mm256_storeu_ps(d.as_mut_ptr(), _mm256_cvtph_ps(_mm_loadu_si128(s.as_ptr().cast())));
+                }
+            }
+            return dst;
+        }
+        self.read_range(slot, elems, buf)
+    }
+
     /// Elements `elems` of row `slot`, decoded: only those blocks when the range is
     /// block-aligned, else the whole row into `buf` (`row_elems` long) and the range of it.
     fn read_range<'b>(&self, slot: usize, elems: std::ops::Range<usize>, buf: &'b mut [f32]) -> &'b [f32] {
@@ -94,20 +121,21 @@ pub fn attend(
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 is present.
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c") {
+        // SAFETY: AVX2 and F16C are present.
         return unsafe { attend_avx2(shape, kv_head, q, kv, slots, scratch, out) };
     }
-    attend_body(shape, kv_head, q, kv, slots, scratch, out);
+    attend_body::<false>(shape, kv_head, q, kv, slots, scratch, out);
 }
 
 /// [`attend`] compiled for AVX2 (the same operations in the same order: bit-identical results,
-/// wider vectors for the independent lanes of [`dot`] and the value accumulation).
+/// wider vectors for the independent lanes of [`dot`] and the value accumulation), F16 cache
+/// rows converted with F16C's `vcvtph2ps` (exact, as the portable conversion is).
 ///
 /// # Safety
-/// The CPU must support AVX2.
+/// The CPU must support AVX2 and F16C.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,f16c")]
 unsafe fn attend_avx2(
     shape: AttentionShape,
     kv_head: usize,
@@ -117,12 +145,13 @@ unsafe fn attend_avx2(
     scratch: &mut AttentionScratch,
     out: &mut [f32],
 ) {
-    attend_body(shape, kv_head, q, kv, slots, scratch, out);
+    attend_body::<true>(shape, kv_head, q, kv, slots, scratch, out);
 }
 
-/// The body of [`attend`], inlined into each build.
+/// The body of [`attend`], inlined into each build; `F16C`: F16 rows are converted with F16C
+/// (only in a build with that feature enabled).
 #[inline(always)]
-fn attend_body(
+fn attend_body<const F16C: bool>(
     shape: AttentionShape,
     kv_head: usize,
     q: &[f32],
@@ -144,7 +173,7 @@ fn attend_body(
     let head = kv_head * head_dim..(kv_head + 1) * head_dim;
 
     for (j, &slot) in slots.iter().enumerate() {
-        let k = keys.read_range(slot, head.clone(), &mut scratch.row);
+        let k = keys.read_head::<F16C>(slot, head.clone(), &mut scratch.row);
         for (h, qh) in q.chunks_exact(head_dim).enumerate() {
             scores[h * n + j] = dot(qh, k) * scale;
         }
@@ -161,7 +190,7 @@ fn attend_body(
     }
     out.fill(0.0);
     for (j, &slot) in slots.iter().enumerate() {
-        let v = values.read_range(slot, head.clone(), &mut scratch.row);
+        let v = values.read_head::<F16C>(slot, head.clone(), &mut scratch.row);
         for (h, o) in out.chunks_exact_mut(head_dim).enumerate() {
             let p = scores[h * n + j];
             for (o, &x) in o.iter_mut().zip(v) {
@@ -211,6 +240,32 @@ mod tests {
 
     fn f32_rows(v: &[f32]) -> Vec<u8> {
         v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    /// The dispatched build (F16C conversion of F16 rows where the CPU has it) against the
+    /// portable body: bit-identical, at Mellum2's head shape over F16 rows.
+    #[test]
+    fn f16_rows_give_the_portable_bits() {
+        let shape = AttentionShape { n_head: 32, n_head_kv: 4, head_dim: 128, scale: 128f32.sqrt().recip() };
+        let (row_elems, n_slots) = (4 * 128, 37);
+        let f16_rows = |salt: usize| -> Vec<u8> {
+            (0..n_slots * row_elems)
+                .flat_map(|i| half::f16::from_f32(((i * 7919 + salt) % 2001) as f32 / 1000.0 - 1.0).to_le_bytes())
+                .collect()
+        };
+        let (kb, vb) = (f16_rows(3), f16_rows(11));
+        let keys = KvRows { ty: GgmlType::F16, row_elems, data: &kb };
+        let values = KvRows { ty: GgmlType::F16, row_elems, data: &vb };
+        let q: Vec<f32> = (0..8 * 128).map(|i| ((i * 31 % 97) as f32 - 48.0) / 50.0).collect();
+        let slots: Vec<usize> = (0..n_slots).rev().step_by(2).collect();
+        let mut scratch = AttentionScratch::default();
+        for kv_head in 0..4 {
+            let (mut fast, mut portable) = (vec![0.0f32; 8 * 128], vec![0.0f32; 8 * 128]);
+            attend(shape, kv_head, &q, KvPair { keys, values }, &slots, &mut scratch, &mut fast);
+            attend_body::<false>(shape, kv_head, &q, KvPair { keys, values }, &slots, &mut scratch, &mut portable);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&fast), bits(&portable), "KV head {kv_head}");
+        }
     }
 
     #[test]
