@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
 use moeshard_kernels::probe::{READ_PROBE_BYTES, read_bandwidth};
+use moeshard_protocol::control::WorkerStats;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
@@ -93,6 +94,10 @@ struct WorkerTraffic {
     bytes_per_token: f64,
     rtt_mean_ms: f64,
     rtt_p99_ms: f64,
+    /// The worker's own mean time per batch from receiving it to having its answer (decoding,
+    /// hand-off to its pool, experts, encoding), from its stats; absent when it did not answer.
+    /// `rtt_mean_ms` less this is the network and both sides' scheduling.
+    compute_mean_ms: Option<f64>,
 }
 
 pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
@@ -213,9 +218,12 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
             )?;
             for t in &report.tests {
                 for w in &t.workers {
+                    let compute = w.compute_mean_ms.map_or_else(String::new, |c| {
+                        format!(" (worker compute {c:.3} ms, network and scheduling {:.3} ms)", w.rtt_mean_ms - c)
+                    });
                     writeln!(
                         out,
-                        "{} worker {}: {} round trips ({:.1}/token), {} bytes out, {} bytes in ({:.0} bytes/token), RTT mean {:.3} ms, p99 {:.3} ms",
+                        "{} worker {}: {} round trips ({:.1}/token), {} bytes out, {} bytes in ({:.0} bytes/token), RTT mean {:.3} ms{compute}, p99 {:.3} ms",
                         t.test,
                         w.name,
                         w.round_trips,
@@ -242,12 +250,23 @@ fn params_label(params: u64) -> String {
     }
 }
 
-fn snapshots(cluster: Option<&ClusterExperts>) -> Vec<Counters> {
-    cluster.map_or_else(Vec::new, |c| c.members().iter().map(|m| m.stats().snapshot()).collect())
+fn snapshots(cluster: Option<&ClusterExperts>) -> Vec<(Counters, Option<WorkerStats>)> {
+    let Some(c) = cluster else { return Vec::new() };
+    c.members()
+        .iter()
+        .map(|m| {
+            let remote = m.link().and_then(|link| c.runtime().block_on(link.remote_stats()).ok());
+            (m.stats().snapshot(), remote)
+        })
+        .collect()
 }
 
 /// Each worker's traffic since `before`, over `tokens` tokens.
-fn traffic(cluster: Option<&ClusterExperts>, before: &[Counters], tokens: u64) -> Vec<WorkerTraffic> {
+fn traffic(
+    cluster: Option<&ClusterExperts>,
+    before: &[(Counters, Option<WorkerStats>)],
+    tokens: u64,
+) -> Vec<WorkerTraffic> {
     let Some(cluster) = cluster else { return Vec::new() };
     let tokens = tokens.max(1) as f64;
     cluster
@@ -255,8 +274,14 @@ fn traffic(cluster: Option<&ClusterExperts>, before: &[Counters], tokens: u64) -
         .iter()
         .zip(snapshots(Some(cluster)))
         .zip(before)
-        .map(|((link, now), before)| {
+        .map(|((link, (now, remote_now)), (before, remote_before))| {
             let rtts = now.rtt_all_layers().since(&before.rtt_all_layers());
+            let compute_mean_ms = match (remote_now, remote_before) {
+                (Some(now), Some(before)) if now.batches > before.batches => Some(
+                    now.compute_us.saturating_sub(before.compute_us) as f64 / 1e3 / (now.batches - before.batches) as f64,
+                ),
+                _ => None,
+            };
             let ms = |d: Option<std::time::Duration>| d.map_or(0.0, |d| d.as_secs_f64() * 1e3);
             let round_trips = now.round_trips - before.round_trips;
             let (bytes_out, bytes_in) = (now.bytes_out - before.bytes_out, now.bytes_in - before.bytes_in);
@@ -269,6 +294,7 @@ fn traffic(cluster: Option<&ClusterExperts>, before: &[Counters], tokens: u64) -
                 bytes_per_token: (bytes_out + bytes_in) as f64 / tokens,
                 rtt_mean_ms: ms(rtts.mean()),
                 rtt_p99_ms: ms(rtts.quantile(0.99)),
+                compute_mean_ms,
             }
         })
         .collect()
