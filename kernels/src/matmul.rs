@@ -116,12 +116,14 @@ pub(crate) fn rows_per_chunk(rows: usize) -> usize {
 /// per kernel call, each group over all of `rows`. Single-threaded: the caller parallelizes.
 pub(crate) fn dot_rows(w: &QMatrix, x: &[&[u8]], rows: Range<usize>, mut sink: impl FnMut(usize, usize, f32)) {
     let kernel = DotKernel::new(Isa::active(), w.ty, w.cols);
-    let mut values = [0.0f32; MAX_COLS];
+    let rb = w.row_bytes();
+    let weights = &w.data[rows.start * rb..rows.end * rb];
+    let mut values = vec![0.0f32; rows.len() * MAX_COLS.min(x.len())];
     for (group_index, group) in x.chunks(MAX_COLS).enumerate() {
-        let values = &mut values[..group.len()];
-        for r in rows.clone() {
-            kernel.run(w.row(r), group, values);
-            for (k, &v) in values.iter().enumerate() {
+        let values = &mut values[..rows.len() * group.len()];
+        kernel.run_rows(weights, group, values);
+        for (r, row_values) in rows.clone().zip(values.chunks_exact(group.len())) {
+            for (k, &v) in row_values.iter().enumerate() {
                 sink(r, group_index * MAX_COLS + k, v);
             }
         }

@@ -22,6 +22,7 @@
 
 mod kquants;
 mod legacy;
+mod rows;
 mod wide;
 
 use std::arch::x86_64::*;
@@ -218,6 +219,62 @@ entry_points!(q4_1, legacy::q4_1);
 entry_points!(q5_0, legacy::q5_0, wide);
 entry_points!(q5_1, legacy::q5_1);
 entry_points!(q8_0, legacy::q8_0, wide);
+
+/// A kernel over several weight rows after the length checks: `(w, n_rows, a, n_blocks, out)`,
+/// `w` the rows back to back, `out[r * a.len() + c]` row `r` times `a[c]`, `a.len()` in
+/// `1..=super::MAX_COLS`.
+///
+/// # Safety
+/// `w` holds `n_rows` rows of `n_blocks` weight blocks, every `a[c]` `n_blocks` Q8_0 blocks,
+/// `out` `n_rows * a.len()` values, and the CPU supports AVX-512 VNNI.
+pub(super) type RowsKernel = unsafe fn(w: &[u8], n_rows: usize, a: &[&[u8]], n_blocks: usize, out: &mut [f32]);
+
+/// The several-rows kernel for weights of type `ty` on `isa`, where there is one (Q4_0, Q5_0,
+/// Q8_0 on AVX-512 VNNI: `rows.rs`); it then serves single rows too, so that every dot product
+/// of such a matrix takes the same arithmetic.
+pub(super) fn rows_kernel(ty: GgmlType, isa: X86Isa) -> Option<RowsKernel> {
+    match (isa, ty) {
+        (X86Isa::Avx512Vnni, GgmlType::Q4_0) => Some(rows_entry::q4_0),
+        (X86Isa::Avx512Vnni, GgmlType::Q5_0) => Some(rows_entry::q5_0),
+        (X86Isa::Avx512Vnni, GgmlType::Q8_0) => Some(rows_entry::q8_0),
+        _ => None,
+    }
+}
+
+/// The compiled [`RowsKernel`]s, dispatching on the column count.
+mod rows_entry {
+    use super::rows::legacy_rows;
+    use super::wide::{Q4_0, Q5_0, Q8_0};
+
+    macro_rules! rows_entry {
+        ($name:ident, $ty:ident) => {
+            /// AVX-512 VNNI build of [`legacy_rows`] for this type.
+            ///
+            /// # Safety
+            /// See [`super::RowsKernel`].
+            #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+            pub(super) unsafe fn $name(w: &[u8], n_rows: usize, a: &[&[u8]], nb: usize, out: &mut [f32]) {
+                unsafe {
+                    match a.len() {
+                        1 => legacy_rows::<$ty, 1>(w, n_rows, a.try_into().unwrap(), nb, out),
+                        2 => legacy_rows::<$ty, 2>(w, n_rows, a.try_into().unwrap(), nb, out),
+                        3 => legacy_rows::<$ty, 3>(w, n_rows, a.try_into().unwrap(), nb, out),
+                        4 => legacy_rows::<$ty, 4>(w, n_rows, a.try_into().unwrap(), nb, out),
+                        5 => legacy_rows::<$ty, 5>(w, n_rows, a.try_into().unwrap(), nb, out),
+                        6 => legacy_rows::<$ty, 6>(w, n_rows, a.try_into().unwrap(), nb, out),
+                        7 => legacy_rows::<$ty, 7>(w, n_rows, a.try_into().unwrap(), nb, out),
+                        8 => legacy_rows::<$ty, 8>(w, n_rows, a.try_into().unwrap(), nb, out),
+                        n => unreachable!("{n} columns"),
+                    }
+                }
+            }
+        };
+    }
+
+    rows_entry!(q4_0, Q4_0);
+    rows_entry!(q5_0, Q5_0);
+    rows_entry!(q8_0, Q8_0);
+}
 
 /// Loads 32 bytes from `p` (no alignment needed).
 ///

@@ -130,7 +130,7 @@ impl<const C: usize> KAcc<C> {
 /// # Safety
 /// AVX-512 F.
 #[inline(always)]
-unsafe fn hsum16_f32(v: __m512) -> f32 {
+pub(super) unsafe fn hsum16_f32(v: __m512) -> f32 {
     unsafe {
         let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
         hsum_f32(_mm256_add_ps(_mm512_castps512_ps256(v), hi))
@@ -278,11 +278,11 @@ pub(super) unsafe fn q8_0<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, o
 }
 
 /// [`signed_pairs`] on Q4_0 blocks: `d`, 16 bytes of nibbles; `w = q - 8`.
-const Q4_0: u8 = 0;
+pub(super) const Q4_0: u8 = 0;
 /// [`signed_pairs`] on Q5_0 blocks: `d`, `qh`, 16 bytes of nibbles; `w = q - 16`.
-const Q5_0: u8 = 1;
+pub(super) const Q5_0: u8 = 1;
 /// [`signed_pairs`] on Q8_0 blocks: `d`, 32 signed quants.
-const Q8_0: u8 = 2;
+pub(super) const Q8_0: u8 = 2;
 
 /// Q4_0, Q5_0 or Q8_0 weights (`TYPE`) with Q8_0 activations, two blocks per step (the last one
 /// alone when `nb` is odd, its upper half zero). `w` enters `vpdpbusd` as `|w|`, the activations
@@ -291,7 +291,12 @@ const Q8_0: u8 = 2;
 /// # Safety
 /// See `RawKernel` in the parent module; AVX-512 F/BW/VL/VNNI.
 #[inline(always)]
-unsafe fn signed_pairs<const TYPE: u8, const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, out: &mut [f32; C]) {
+pub(super) unsafe fn signed_pairs<const TYPE: u8, const C: usize>(
+    w: &[u8],
+    a: &[&[u8]; C],
+    nb: usize,
+    out: &mut [f32; C],
+) {
     let (bytes, qs_at, offset) = match TYPE {
         Q4_0 => (18, 2, 8),
         Q5_0 => (22, 6, 16),
