@@ -278,7 +278,9 @@ fn traffic(
             let rtts = now.rtt_all_layers().since(&before.rtt_all_layers());
             let compute_mean_ms = match (remote_now, remote_before) {
                 (Some(now), Some(before)) if now.batches > before.batches => Some(
-                    now.compute_us.saturating_sub(before.compute_us) as f64 / 1e3 / (now.batches - before.batches) as f64,
+                    now.compute_us.saturating_sub(before.compute_us) as f64
+                        / 1e3
+                        / (now.batches - before.batches) as f64,
                 ),
                 _ => None,
             };
