@@ -117,14 +117,17 @@ pub(crate) fn rows_per_chunk(rows: usize) -> usize {
 pub(crate) fn dot_rows(w: &QMatrix, x: &[&[u8]], rows: Range<usize>, mut sink: impl FnMut(usize, usize, f32)) {
     let kernel = DotKernel::new(Isa::active(), w.ty, w.cols);
     let rb = w.row_bytes();
-    let weights = &w.data[rows.start * rb..rows.end * rb];
-    let mut values = vec![0.0f32; rows.len() * MAX_COLS.min(x.len())];
+    // On the stack: this runs once per work item, and the allocator is shared by all threads.
+    let mut values = [0.0f32; MAX_ROWS_PER_CHUNK * MAX_COLS];
     for (group_index, group) in x.chunks(MAX_COLS).enumerate() {
-        let values = &mut values[..rows.len() * group.len()];
-        kernel.run_rows(weights, group, values);
-        for (r, row_values) in rows.clone().zip(values.chunks_exact(group.len())) {
-            for (k, &v) in row_values.iter().enumerate() {
-                sink(r, group_index * MAX_COLS + k, v);
+        for start in rows.clone().step_by(MAX_ROWS_PER_CHUNK) {
+            let end = rows.end.min(start + MAX_ROWS_PER_CHUNK);
+            let values = &mut values[..(end - start) * group.len()];
+            kernel.run_rows(&w.data[start * rb..end * rb], group, values);
+            for (r, row_values) in (start..end).zip(values.chunks_exact(group.len())) {
+                for (k, &v) in row_values.iter().enumerate() {
+                    sink(r, group_index * MAX_COLS + k, v);
+                }
             }
         }
     }

@@ -155,8 +155,11 @@ pub(super) unsafe fn legacy_rows<const TYPE: u8, const C: usize>(
     let bytes = block_bytes(TYPE);
     let steps = nb / STEP_BLOCKS;
     let whole = steps * STEP_BLOCKS;
+    // Taken out of the thread-local rather than borrowed in a closure: a closure would not
+    // inherit the caller's target features, and the intrinsics would not inline.
+    let mut prepared = PREPARED.take();
+    prepared.clear();
     unsafe {
-        let mut prepared = Vec::with_capacity(C * steps);
         for col in a {
             for s in 0..steps {
                 prepared.push(prepare::<TYPE>(col.as_ptr().add(s * STEP_BLOCKS * Q8_0_BYTES)));
@@ -183,4 +186,11 @@ pub(super) unsafe fn legacy_rows<const TYPE: u8, const C: usize>(
             }
         }
     }
+    PREPARED.set(prepared);
+}
+
+thread_local! {
+    /// Each thread's prepared activations, reused from call to call (a call is one matmul work
+    /// item, and the allocator is shared by all threads).
+    static PREPARED: std::cell::RefCell<Vec<Prepared>> = const { std::cell::RefCell::new(Vec::new()) };
 }
