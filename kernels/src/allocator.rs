@@ -7,7 +7,10 @@
 /// expert batches, partial sums) spread them over per-thread arenas, and each arena keeps its own
 /// freed memory resident: in a 30-minute `scripts/soak.py` run with the default, the server grew
 /// by 6.8% and a worker by 12.5% while one arena kept both within 0.3% and 1.5% over six minutes.
-/// Small allocations stay lock-free in glibc's per-thread caches either way.
+/// The price is one lock for every allocation above glibc's per-thread cache sizes (about 1 KB):
+/// the compute paths therefore allocate per call, never per work item (`matmul::dot_rows` keeps
+/// its results on the stack, the Q8_0 several-rows kernels a per-thread buffer); with an
+/// allocation per work item, decoding lost a third of its speed to threads queued on that lock.
 pub const MALLOC_ARENAS: i32 = 1;
 
 /// Caps glibc malloc at [`MALLOC_ARENAS`] arenas (`mallopt(M_ARENA_MAX)`, the setting behind the
