@@ -331,4 +331,26 @@ mod tests {
         let (tokens, _) = collect(e.submit(request(vec![4, 5, 6], 0, 0.0)).unwrap());
         assert!(!tokens.is_empty(), "a cancelled request frees its slot");
     }
+
+    /// A request cancelled while nothing else runs leaves the stats' active count at zero,
+    /// whichever path drops it: a failed send during a step, or the check at the top of the
+    /// loop (a receiver dropped between a step's send and the next check; the repetitions give
+    /// that narrow window its chances). The integration test behind `/metrics` hit the second
+    /// path under load, where the count used to stay at one.
+    #[test]
+    fn stats_show_a_cancelled_request_gone() {
+        let e = engine(1);
+        for _ in 0..20 {
+            let mut long = request(vec![1, 2, 3], 0, 0.0);
+            long.max_tokens = 10_000;
+            let mut rx = e.submit(long).unwrap();
+            assert!(matches!(rx.blocking_recv(), Some(Event::Token(_))));
+            drop(rx);
+            let deadline = Instant::now() + std::time::Duration::from_secs(10);
+            while e.stats().active != 0 {
+                assert!(Instant::now() < deadline, "the stats still count the cancelled request");
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+    }
 }

@@ -100,6 +100,9 @@ impl Scheduler {
         while !shared.stop.load(Ordering::Relaxed) {
             self.drop_cancelled();
             self.admit(shared);
+            // Before sleeping too: a cancellation seen here (not by a failed send during a step)
+            // leaves no step to report it.
+            self.publish(shared);
             if self.slots.iter().all(|s| s.active.is_none()) {
                 let queue = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
                 if queue.is_empty() && !shared.stop.load(Ordering::Relaxed) {
@@ -108,18 +111,23 @@ impl Scheduler {
                 continue;
             }
             self.step();
-            let mut stats = shared.stats.lock().unwrap_or_else(|e| e.into_inner());
-            stats.active = self.slots.iter().filter(|s| s.active.is_some()).count();
-            stats.prompt_tokens = self.prefill.0;
-            stats.generated_tokens = self.generated;
-            stats.prefill_tokens_per_s = rate(self.prefill);
-            stats.decode_tokens_per_s = rate(self.decode);
+            self.publish(shared);
         }
         for slot in &mut self.slots {
             if let Some(a) = slot.active.take() {
                 a.finish(FinishReason::Error("the server is shutting down".into()));
             }
         }
+    }
+
+    /// Copies the counters into the stats `/metrics` reads.
+    fn publish(&self, shared: &Shared) {
+        let mut stats = shared.stats.lock().unwrap_or_else(|e| e.into_inner());
+        stats.active = self.slots.iter().filter(|s| s.active.is_some()).count();
+        stats.prompt_tokens = self.prefill.0;
+        stats.generated_tokens = self.generated;
+        stats.prefill_tokens_per_s = rate(self.prefill);
+        stats.decode_tokens_per_s = rate(self.decode);
     }
 
     fn drop_cancelled(&mut self) {
