@@ -9,7 +9,9 @@
 //! `u8 x i8 -> i32` multiply-add of four byte pairs per lane: AVX2's `vpmaddubsw` + `vpmaddwd`
 //! ([`Avx2`]) or AVX-512 VNNI's single `vpdpbusd` on 256-bit registers ([`Vnni`], which also
 //! brings 32 vector registers and byte masks). The AVX-512 VNNI build uses 512-bit kernels
-//! (`wide.rs`) instead for Q3_K, Q4_K, Q6_K, Q4_0, Q5_0 and Q8_0. The `u8` side is always a
+//! instead for Q3_K, Q4_K, Q6_K (`wide.rs`) and, several weight rows per call, for Q4_0, Q5_0
+//! and Q8_0 (`rows.rs`, whose `vpdpbusd` also takes Q8_0's `w + 128` up to 255: it has no i16
+//! step to saturate). The `u8` side is always a
 //! weight quant made non-negative (0..=63, or `|w|` for the signed types), so `vpmaddubsw`'s i16
 //! saturation is never reached (at most 2 x 128 x 127 = 32512).
 //!
@@ -214,11 +216,11 @@ entry_points!(q3_k, kquants::q3_k, wide);
 entry_points!(q4_k, kquants::q4_k, wide);
 entry_points!(q5_k, kquants::q5_k);
 entry_points!(q6_k, kquants::q6_k, wide);
-entry_points!(q4_0, legacy::q4_0, wide);
+entry_points!(q4_0, legacy::q4_0);
 entry_points!(q4_1, legacy::q4_1);
-entry_points!(q5_0, legacy::q5_0, wide);
+entry_points!(q5_0, legacy::q5_0);
 entry_points!(q5_1, legacy::q5_1);
-entry_points!(q8_0, legacy::q8_0, wide);
+entry_points!(q8_0, legacy::q8_0);
 
 /// A kernel over several weight rows after the length checks: `(w, n_rows, a, n_blocks, out)`,
 /// `w` the rows back to back, `out[r * a.len() + c]` row `r` times `a[c]`, `a.len()` in

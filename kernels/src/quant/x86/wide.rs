@@ -1,6 +1,7 @@
 //! 512-bit AVX-512 VNNI kernels for the types that carry most of a Q4_K_M or Q3_K_S model's
-//! bytes: Q3_K, Q4_K, Q6_K, and the 32-element Q4_0, Q5_0, Q8_0 (the `down` projections of
-//! 896-wide experts fall back to them). The other types use the 256-bit kernels.
+//! bytes: Q3_K, Q4_K, Q6_K, and [`signed_pairs`] for the 32-element Q4_0, Q5_0, Q8_0 (the
+//! `down` projections of 896-wide experts fall back to them), which `rows.rs` uses for the
+//! blocks past its last whole four-block step. The other types use the 256-bit kernels.
 //!
 //! Same arithmetic as the 256-bit kernels (see the parent module), 64 weights per instruction:
 //! integer sums are exact; the k-quants accumulate each super-block's scaled lanes, the
@@ -248,33 +249,6 @@ unsafe fn f16_pair(p0: *const u8, h1: u16) -> __m128 {
         let h0 = p0.cast::<u16>().read_unaligned();
         _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h0) | i32::from(h1) << 16))
     }
-}
-
-/// Q4_0 (18-byte blocks, `w = q - 8`) with Q8_0 activations; see [`signed_pairs`].
-///
-/// # Safety
-/// See `RawKernel` in the parent module; AVX-512 F/BW/VL/VNNI.
-#[inline(always)]
-pub(super) unsafe fn q4_0<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, out: &mut [f32; C]) {
-    unsafe { signed_pairs::<Q4_0, C>(w, a, nb, out) }
-}
-
-/// Q5_0 (22-byte blocks, `w = q - 16`) with Q8_0 activations; see [`signed_pairs`].
-///
-/// # Safety
-/// See `RawKernel` in the parent module; AVX-512 F/BW/VL/VNNI.
-#[inline(always)]
-pub(super) unsafe fn q5_0<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, out: &mut [f32; C]) {
-    unsafe { signed_pairs::<Q5_0, C>(w, a, nb, out) }
-}
-
-/// Q8_0 (34-byte blocks, 32 signed quants) with Q8_0 activations; see [`signed_pairs`].
-///
-/// # Safety
-/// See `RawKernel` in the parent module; AVX-512 F/BW/VL/VNNI.
-#[inline(always)]
-pub(super) unsafe fn q8_0<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, out: &mut [f32; C]) {
-    unsafe { signed_pairs::<Q8_0, C>(w, a, nb, out) }
 }
 
 /// [`signed_pairs`] on Q4_0 blocks: `d`, 16 bytes of nibbles; `w = q - 8`.
