@@ -10,7 +10,8 @@
 
 use std::time::Duration;
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use moeshard_kernels::attention::{AttentionScratch, AttentionShape, KvPair, KvRows, attend};
 use moeshard_kernels::matmul::{QMatrix, QuantizedActivations, matmul};
 use moeshard_kernels::moe::softmax_top_k;
@@ -61,14 +62,7 @@ fn vec_dots(c: &mut Criterion) {
 fn matmuls(c: &mut Criterion) {
     let mut group = c.benchmark_group("matmul_896x2304");
     for ty in GgmlType::ALL {
-        let w = weights(ty, N_FF_EXP, N_EMBD);
-        let matrix = QMatrix::new(ty, N_FF_EXP, N_EMBD, &w);
-        for n_rows in [1, 8, 64] {
-            let act = QuantizedActivations::quantize(ty.vec_dot_type(), &activations(n_rows * N_EMBD), n_rows, N_EMBD);
-            let mut out = vec![0.0f32; n_rows * N_FF_EXP];
-            group.throughput(Throughput::Bytes(w.len() as u64));
-            group.bench_function(BenchmarkId::new(ty.name(), n_rows), |b| b.iter(|| matmul(&matrix, &act, &mut out)));
-        }
+        bench_matmul(&mut group, ty, N_FF_EXP, &[1, 8, 64]);
     }
     group.finish();
 }
@@ -77,18 +71,22 @@ fn matmuls(c: &mut Criterion) {
 /// (llama-quantize's type for `output.weight`), 186 MB streamed from memory, times 1 and 8
 /// activation rows (one decoding step of one and of eight sequences).
 fn output_head(c: &mut Criterion) {
-    const N_VOCAB: usize = 98304;
     let mut group = c.benchmark_group("output_head_98304x2304");
-    let ty = GgmlType::Q6_K;
-    let w = weights(ty, N_VOCAB, N_EMBD);
-    let matrix = QMatrix::new(ty, N_VOCAB, N_EMBD, &w);
-    for n_rows in [1, 8] {
+    bench_matmul(&mut group, GgmlType::Q6_K, 98304, &[1, 8]);
+    group.finish();
+}
+
+/// `matmul` of a random `[rows, N_EMBD]` matrix of `ty` with each count of activation rows,
+/// throughput in weight bytes.
+fn bench_matmul(group: &mut BenchmarkGroup<'_, WallTime>, ty: GgmlType, rows: usize, batches: &[usize]) {
+    let w = weights(ty, rows, N_EMBD);
+    let matrix = QMatrix::new(ty, rows, N_EMBD, &w);
+    for &n_rows in batches {
         let act = QuantizedActivations::quantize(ty.vec_dot_type(), &activations(n_rows * N_EMBD), n_rows, N_EMBD);
-        let mut out = vec![0.0f32; n_rows * N_VOCAB];
+        let mut out = vec![0.0f32; n_rows * rows];
         group.throughput(Throughput::Bytes(w.len() as u64));
         group.bench_function(BenchmarkId::new(ty.name(), n_rows), |b| b.iter(|| matmul(&matrix, &act, &mut out)));
     }
-    group.finish();
 }
 
 fn activation_quantization(c: &mut Criterion) {

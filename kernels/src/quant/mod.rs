@@ -345,9 +345,11 @@ impl DotKernel {
         assert_eq!(a.len(), out.len(), "one output per activation row");
         self.check_columns(a);
         #[cfg(target_arch = "x86_64")]
-        if self.simd_rows.is_some() {
+        if let Some(kernel) = self.simd_rows {
             for (a, out) in a.chunks(MAX_COLS).zip(out.chunks_mut(MAX_COLS)) {
-                self.run_rows(w, a, out);
+                // SAFETY: one whole row and the columns checked above, at most MAX_COLS of them;
+                // CPU support checked in `new`.
+                unsafe { kernel(w, 1, a, self.n / ty.block_size(), out) };
             }
             return;
         }
@@ -563,6 +565,18 @@ mod tests {
         }
     }
 
+    /// `count` activation rows of `n` values uniform in [-3, 3), quantized to `vt`.
+    fn random_activation_rows(vt: VecDotType, n: usize, count: usize, rng: &mut ChaCha8Rng) -> Vec<Vec<u8>> {
+        (0..count)
+            .map(|_| {
+                let x: Vec<f32> = (0..n).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+                let mut q = vec![0u8; vt.row_bytes(n)];
+                vt.quantize_row(&x, &mut q);
+                q
+            })
+            .collect()
+    }
+
     /// `run_rows` over several rows equals `run` row by row bit for bit, in every instruction
     /// set and for 1 to 8 columns, and stays within 1e-5 of sum |w_i a_i| of the portable
     /// kernel; row lengths include block counts that are not a multiple of the several-rows
@@ -576,14 +590,7 @@ mod tests {
                 let Some(row_bytes) = ty.row_bytes(n) else { continue };
                 let n_rows = 5;
                 let w: Vec<u8> = (0..n_rows).flat_map(|_| random_row(ty, n, &mut rng)).collect();
-                let cols: Vec<Vec<u8>> = (0..8)
-                    .map(|_| {
-                        let x: Vec<f32> = (0..n).map(|_| rng.random_range(-3.0f32..3.0)).collect();
-                        let mut q = vec![0u8; vt.row_bytes(n)];
-                        vt.quantize_row(&x, &mut q);
-                        q
-                    })
-                    .collect();
+                let cols = random_activation_rows(vt, n, 8, &mut rng);
                 for isa in Isa::all_supported() {
                     let kernel = DotKernel::new(isa, ty, n);
                     for n_cols in 1..=8 {
@@ -625,14 +632,7 @@ mod tests {
                 let w = random_row(ty, n, &mut rng);
                 let mut wf = vec![0.0; n];
                 ty.dequantize_row(&w, &mut wf);
-                let cols: Vec<Vec<u8>> = (0..11)
-                    .map(|_| {
-                        let x: Vec<f32> = (0..n).map(|_| rng.random_range(-3.0f32..3.0)).collect();
-                        let mut q = vec![0u8; vt.row_bytes(n)];
-                        vt.quantize_row(&x, &mut q);
-                        q
-                    })
-                    .collect();
+                let cols = random_activation_rows(vt, n, 11, &mut rng);
                 let a: Vec<&[u8]> = cols.iter().map(Vec::as_slice).collect();
                 let mut portable = vec![0.0f32; a.len()];
                 vec_dot_cols_on(Isa::Portable, ty, &w, &a, n, &mut portable);
