@@ -58,11 +58,11 @@ fn vec_dots(c: &mut Criterion) {
     group.finish();
 }
 
-/// An expert's `ffn_gate`/`ffn_up` shape: 896 rows of 2304, times 1, 8 and 64 activation rows.
+/// An expert's `ffn_gate`/`ffn_up` shape: 896 rows of 2304, times 1, 8, 16 and 64 activation rows.
 fn matmuls(c: &mut Criterion) {
     let mut group = c.benchmark_group("matmul_896x2304");
     for ty in GgmlType::ALL {
-        bench_matmul(&mut group, ty, N_FF_EXP, &[1, 8, 64]);
+        bench_matmul(&mut group, ty, N_FF_EXP, &[1, 8, 16, 64]);
     }
     group.finish();
 }

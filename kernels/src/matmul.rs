@@ -9,16 +9,25 @@
 //! activation rows in groups of [`MAX_COLS`] that one kernel call serves, and each group over
 //! every row of the chunk: the group's activations (8 Q8_K rows of 2304 values are 21 KB) stay
 //! in L1 while the chunk's weight rows (a few KB each) come from L2 after the first group, the
-//! smaller of the two streams. A result does not depend on the batch it was computed in.
+//! smaller of the two streams. Batches of [`TILED_MIN_COLS`] columns or more of a type with a
+//! tiled kernel (Q3_K, Q4_K, Q6_K on AVX-512 VNNI) are laid out once per product ([`Columns`]);
+//! a chunk then unpacks its weight rows once and multiplies them with every tile of sixteen
+//! columns. Below that size a result does not depend on the batch it was computed in; the tiled
+//! kernels give the portable kernels' bits, which differ from the 512-bit column kernels' in f32
+//! rounding only (their integer sums are exact), so on AVX-512 VNNI a k-quant product computed in
+//! a batch of [`TILED_MIN_COLS`] columns or more may differ in its last bits from the same
+//! product computed alone.
 
 use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::quant::{DotKernel, GgmlType, Isa, MAX_COLS, VecDotType};
+#[cfg(doc)]
+use crate::quant::TILED_MIN_COLS;
+use crate::quant::{DotKernel, GgmlType, Isa, MAX_COLS, TILED_MAX_ROWS, TiledColumns, VecDotType};
 
-/// Weight rows per work item are a multiple of this.
-const ROW_ALIGN: usize = 4;
+/// Weight rows per work item are a multiple of this (a band of the tiled kernel).
+const ROW_ALIGN: usize = 8;
 /// At most this many weight rows per work item, so a chunk stays cache-resident while it is
 /// multiplied with every activation row.
 const MAX_ROWS_PER_CHUNK: usize = 32;
@@ -111,22 +120,50 @@ pub(crate) fn rows_per_chunk(rows: usize) -> usize {
     rows.div_ceil(items).next_multiple_of(ROW_ALIGN).clamp(ROW_ALIGN, MAX_ROWS_PER_CHUNK)
 }
 
-/// `dot(w.row(r), x[t])` for every `r` in `rows` and every activation row `x[t]` (in
-/// `w.ty.vec_dot_type()` layout), handed to `sink(r, t, value)`; [`MAX_COLS`] activation rows
-/// per kernel call, each group over all of `rows`. Single-threaded: the caller parallelizes.
-pub(crate) fn dot_rows(w: &QMatrix, x: &[&[u8]], rows: Range<usize>, mut sink: impl FnMut(usize, usize, f32)) {
-    let kernel = DotKernel::new(Isa::active(), w.ty, w.cols);
+/// The activation rows of one matrix product (in the weight type's `vec_dot_type()` layout),
+/// with the kernel resolved once and, for batches the type's tiled kernel takes, the rows laid out
+/// for it once for all work items.
+pub(crate) struct Columns<'a> {
+    rows: Vec<&'a [u8]>,
+    kernel: DotKernel,
+    tiled: Option<TiledColumns>,
+}
+
+impl<'a> Columns<'a> {
+    /// `rows` as the columns of products with `w`. Panics when a row's length does not fit `w`.
+    pub(crate) fn new(w: &QMatrix, rows: Vec<&'a [u8]>) -> Self {
+        let kernel = DotKernel::new(Isa::active(), w.ty, w.cols);
+        let tiled = kernel.tiled_columns(&rows);
+        Columns { rows, kernel, tiled }
+    }
+}
+
+/// `dot(w.row(r), x[t])` for every `r` in `rows` and every activation row `x[t]`, handed to
+/// `sink(r, t, value)`: with the tiled kernel, [`TILED_MAX_ROWS`] weight rows unpacked at a time
+/// for all its columns; the other columns [`MAX_COLS`] activation rows per kernel call, each
+/// group over all of `rows`. Single-threaded: the caller parallelizes. `x` must come from [`Columns::new`] with
+/// `w`'s type and length.
+pub(crate) fn dot_rows(w: &QMatrix, x: &Columns, rows: Range<usize>, mut sink: impl FnMut(usize, usize, f32)) {
+    let kernel = &x.kernel;
     let rb = w.row_bytes();
+    let mut first = 0;
+    if let Some(tiled) = &x.tiled {
+        for start in rows.clone().step_by(TILED_MAX_ROWS) {
+            let end = rows.end.min(start + TILED_MAX_ROWS);
+            kernel.run_tiled(&w.data[start * rb..end * rb], tiled, |r, t, v| sink(start + r, t, v));
+        }
+        first = tiled.n_cols();
+    }
     // On the stack: this runs once per work item, and the allocator is shared by all threads.
     let mut values = [0.0f32; MAX_ROWS_PER_CHUNK * MAX_COLS];
-    for (group_index, group) in x.chunks(MAX_COLS).enumerate() {
+    for (group_index, group) in x.rows[first..].chunks(MAX_COLS).enumerate() {
         for start in rows.clone().step_by(MAX_ROWS_PER_CHUNK) {
             let end = rows.end.min(start + MAX_ROWS_PER_CHUNK);
             let values = &mut values[..(end - start) * group.len()];
             kernel.run_rows(&w.data[start * rb..end * rb], group, values);
             for (r, row_values) in (start..end).zip(values.chunks_exact(group.len())) {
                 for (k, &v) in row_values.iter().enumerate() {
-                    sink(r, group_index * MAX_COLS + k, v);
+                    sink(r, first + group_index * MAX_COLS + k, v);
                 }
             }
         }
@@ -179,7 +216,7 @@ pub fn matmul(w: &QMatrix, x: &QuantizedActivations, out: &mut [f32]) {
     if out.is_empty() {
         return;
     }
-    let rows: Vec<&[u8]> = (0..x.n_rows).map(|t| x.row(t)).collect();
+    let rows = Columns::new(w, (0..x.n_rows).map(|t| x.row(t)).collect());
     let chunk = rows_per_chunk(w.rows);
     let dst = DisjointOut::new(out);
     (0..w.rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
@@ -204,8 +241,17 @@ mod tests {
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
-    const TYPES: [GgmlType; 6] =
-        [GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0, GgmlType::Q4_1, GgmlType::Q5_0];
+    const TYPES: [GgmlType; 9] = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q8_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q3_K,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+    ];
 
     fn pool(threads: usize) -> rayon::ThreadPool {
         rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("thread pool")
@@ -215,25 +261,37 @@ mod tests {
         (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect()
     }
 
-    /// Rows 37 and 101 are not multiples of any chunk size (multiples of 4); 3 threads give
-    /// several chunks whatever the machine.
+    /// Rows 37 and 101 are not multiples of any chunk size (multiples of 8) nor of the tiled
+    /// kernel's band; 17 and 44 activation rows take it (k-quants on AVX-512 VNNI, the portable
+    /// kernel's bits) with columns left to the column kernels or a padded last tile; 3 threads
+    /// give several chunks whatever the machine.
     #[test]
     fn matmul_equals_per_row_vec_dot() {
         let mut rng = ChaCha8Rng::seed_from_u64(20);
         for threads in [1, 3] {
             let pool = pool(threads);
             for ty in TYPES {
-                for (rows, cols) in [(37, 64), (101, 256), (5, 32)] {
+                for (rows, cols) in [(37, 64), (101, 256), (5, 32usize)] {
+                    if !cols.is_multiple_of(ty.block_size()) {
+                        continue;
+                    }
                     let data = random_row(ty, rows * cols, &mut rng);
                     let w = QMatrix::new(ty, rows, cols, &data);
-                    for n_rows in [1, 3, 17] {
+                    for n_rows in [1, 3, 17, 44] {
                         let xf = random_f32s(&mut rng, n_rows * cols);
                         let x = QuantizedActivations::quantize(ty.vec_dot_type(), &xf, n_rows, cols);
                         let mut out = vec![f32::NAN; n_rows * rows];
                         pool.install(|| matmul(&w, &x, &mut out));
+                        // Columns the tiled kernel takes give the portable kernel's bits.
+                        let a: Vec<&[u8]> = (0..n_rows).map(|t| x.row(t)).collect();
+                        let kernel = DotKernel::new(Isa::active(), ty, cols);
+                        let tiled = kernel.tiled_columns(&a).map_or(0, |t| t.n_cols());
                         for t in 0..n_rows {
                             for r in 0..rows {
-                                let want = vec_dot(ty, w.row(r), x.row(t), cols);
+                                let want = match t < tiled {
+                                    true => (ty.vec_dot_fn())(w.row(r), x.row(t), cols),
+                                    false => vec_dot(ty, w.row(r), x.row(t), cols),
+                                };
                                 let got = out[t * rows + r];
                                 assert_eq!(got.to_bits(), want.to_bits(), "{ty} [{rows},{cols}] t={t} r={r}");
                             }

@@ -10,8 +10,8 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::matmul::{DisjointOut, QMatrix, QuantizedActivations, dot_rows, rows_per_chunk};
-use crate::quant::VecDotType;
+use crate::matmul::{Columns, DisjointOut, QMatrix, QuantizedActivations, dot_rows, rows_per_chunk};
+use crate::quant::{TILED_MIN_COLS, VecDotType};
 
 /// One (token, expert, weight) triple of a routing decision.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -221,8 +221,8 @@ pub fn grouped_expert_ffn_quantized<'a>(
     // Pass 1: hidden[g] = silu(gate(x)) * up(x), `[n_tok, n_ff]` per group.
     let mut hidden: Vec<Vec<f32>> = groups.iter().map(|g| vec![0.0; g.route_ids.len() * g.ffn.gate.rows]).collect();
     let hidden_out: Vec<DisjointOut> = hidden.iter_mut().map(|h| DisjointOut::new(h)).collect();
-    let gate_in: Vec<Vec<&[u8]>> = groups.iter().map(ExpertGroup::gate_rows).collect();
-    let up_in: Vec<Vec<&[u8]>> = groups.iter().map(ExpertGroup::up_rows).collect();
+    let gate_in = map_groups(&groups, n_tokens, |g| Columns::new(&g.ffn.gate, g.gate_rows()));
+    let up_in = map_groups(&groups, n_tokens, |g| Columns::new(&g.ffn.up, g.up_rows()));
     work_items(&groups, |g| g.ffn.gate.rows).into_par_iter().for_each(|(gi, rows)| {
         let (g, gate_in, up_in) = (&groups[gi], &gate_in[gi], &up_in[gi]);
         let (n_tok, n_ff) = (g.route_ids.len(), g.ffn.gate.rows);
@@ -245,7 +245,9 @@ pub fn grouped_expert_ffn_quantized<'a>(
     // Pass 2: results[route] = down(hidden), one `n_embd` row per route.
     let mut results = vec![0.0f32; routes.len() * n_embd];
     let results_out = DisjointOut::new(&mut results);
-    let act_rows: Vec<Vec<&[u8]>> = acts.iter().map(|a| (0..a.n_rows).map(|t| a.row(t)).collect()).collect();
+    let with_acts: Vec<_> = groups.iter().zip(&acts).collect();
+    let act_rows =
+        map_groups(&with_acts, n_tokens, |(g, a)| Columns::new(&g.ffn.down, (0..a.n_rows).map(|t| a.row(t)).collect()));
     work_items(&groups, |g| g.ffn.down.rows).into_par_iter().for_each(|(gi, rows)| {
         let g = &groups[gi];
         dot_rows(&g.ffn.down, &act_rows[gi], rows, |r, t, v| {
@@ -299,6 +301,16 @@ impl<'a> ExpertGroup<'a> {
     fn up_rows(&self) -> Vec<&[u8]> {
         let up = self.up_in.as_ref().unwrap_or(&self.gate_in);
         (0..up.n_rows).map(|t| up.row(t)).collect()
+    }
+}
+
+/// `f` of every item in order: on the current rayon pool for batches of at least
+/// [`TILED_MIN_COLS`] tokens, whose groups may be laid out for the tiled kernels; on this thread
+/// otherwise (decoding), where a parallel pass would cost more than the work.
+fn map_groups<'a, T: Sync, R: Send>(items: &'a [T], n_tokens: usize, f: impl Fn(&'a T) -> R + Sync + Send) -> Vec<R> {
+    match n_tokens >= TILED_MIN_COLS {
+        true => items.par_iter().map(f).collect(),
+        false => items.iter().map(f).collect(),
     }
 }
 

@@ -15,7 +15,7 @@
 use half::f16;
 
 /// Elements per super-block (ggml's `QK_K`).
-const QK_K: usize = 256;
+pub(crate) const QK_K: usize = 256;
 /// Bytes of a `block_q2_K`.
 const Q2_K_BYTES: usize = 84;
 /// Bytes of a `block_q3_K`.

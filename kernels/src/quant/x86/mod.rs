@@ -13,18 +13,23 @@
 //! and Q8_0 (`rows.rs`, whose `vpdpbusd` also takes Q8_0's `w + 128` up to 255: it has no i16
 //! step to saturate). The `u8` side is always a
 //! weight quant made non-negative (0..=63, or `|w|` for the signed types), so `vpmaddubsw`'s i16
-//! saturation is never reached (at most 2 x 128 x 127 = 32512).
+//! saturation is never reached (at most 2 x 128 x 127 = 32512). Batches of
+//! [`super::TILED_MIN_COLS`] columns or more of Q3_K, Q4_K and Q6_K take the tiled kernels
+//! (`tiled.rs`: rows unpacked once per call, sixteen columns in the lanes of a vector), through
+//! [`run_tiled`] rather than [`RawKernel`].
 //!
 //! Exactness: integer sums are exact everywhere; only the f32 summation order differs from the
 //! portable kernels. The 256-bit k-quant kernels even apply the portable kernels' f32 operations
 //! per super-block in their order, so they are bit-identical to them; the 512-bit kernels
 //! accumulate scaled blocks in f32 lanes and sum across lanes once per row, as the 32-element
-//! legacy kernels do (like ggml's AVX2 kernels). Whatever the kernel, a column's operations
-//! never depend on the column count.
+//! legacy kernels do (like ggml's AVX2 kernels). Whatever the column kernel, a column's
+//! operations never depend on the column count. The tiled kernels apply the portable kernels' f32
+//! operations, so they are bit-identical to them (and differ from `wide.rs` in rounding).
 
 mod kquants;
 mod legacy;
 mod rows;
+pub(crate) mod tiled;
 mod wide;
 
 use std::arch::x86_64::*;
@@ -276,6 +281,87 @@ mod rows_entry {
     rows_entry!(q4_0, Q4_0);
     rows_entry!(q5_0, Q5_0);
     rows_entry!(q8_0, Q8_0);
+}
+
+/// The tiled kernel of a k-quant type (`tiled.rs`): how its rows unpack, and one tile of
+/// columns times the unpacked rows.
+#[derive(Clone, Copy)]
+pub(super) struct TiledKernel {
+    unpack: unsafe fn(w: &[u8], n_rows: usize, nb: usize, u: &mut tiled::Unpacked),
+    tile: unsafe fn(u: &tiled::Unpacked, cols: &tiled::TiledColumns, tile: usize, out: &mut [f32]),
+}
+
+/// The tiled kernel for weights of type `ty` on `isa`, where there is one (Q3_K, Q4_K, Q6_K on
+/// AVX-512 VNNI).
+pub(super) fn tiled_kernel(ty: GgmlType, isa: X86Isa) -> Option<TiledKernel> {
+    match (isa, ty) {
+        (X86Isa::Avx512Vnni, GgmlType::Q3_K) => Some(tiled_entry::Q3_K),
+        (X86Isa::Avx512Vnni, GgmlType::Q4_K) => Some(tiled_entry::Q4_K),
+        (X86Isa::Avx512Vnni, GgmlType::Q6_K) => Some(tiled_entry::Q6_K),
+        _ => None,
+    }
+}
+
+/// `sink(r, c, dot(row r of w, column c))` for the `n_rows` rows of `w` (whole rows back to back,
+/// at most [`tiled::MAX_ROWS`]) and every column of `cols`: the rows are unpacked once, then
+/// multiplied with each tile.
+///
+/// # Safety
+/// `w` holds `n_rows` rows of `cols.n_blocks()` super-blocks of the kernel's type, and the CPU
+/// supports AVX-512 VNNI.
+pub(super) unsafe fn run_tiled(
+    kernel: TiledKernel,
+    w: &[u8],
+    n_rows: usize,
+    cols: &tiled::TiledColumns,
+    mut sink: impl FnMut(usize, usize, f32),
+) {
+    assert!(n_rows <= tiled::MAX_ROWS, "{n_rows} rows, at most {}", tiled::MAX_ROWS);
+    tiled::with_unpacked(|u| {
+        // SAFETY: the caller's contract.
+        unsafe { (kernel.unpack)(w, n_rows, cols.n_blocks(), u) };
+        let mut out = [0.0f32; tiled::MAX_ROWS.next_multiple_of(tiled::BAND_ROWS) * tiled::TILE_COLS];
+        for t in 0..cols.n_tiles() {
+            // SAFETY: `u` was unpacked from rows of `cols.n_blocks()` blocks above, `out` holds
+            // the padded rows; CPU support per the caller's contract.
+            unsafe { (kernel.tile)(u, cols, t, &mut out) };
+            let first = t * tiled::TILE_COLS;
+            let n = tiled::TILE_COLS.min(cols.n_cols() - first);
+            for r in 0..n_rows {
+                for (c, &v) in out[r * tiled::TILE_COLS..][..n].iter().enumerate() {
+                    sink(r, first + c, v);
+                }
+            }
+        }
+    });
+}
+
+/// The compiled [`TiledKernel`]s.
+mod tiled_entry {
+    use super::TiledKernel;
+    use super::tiled::{Q3K, Q4K, Q6K, Tiled, TiledColumns, Unpacked, tile, unpack_rows};
+
+    /// AVX-512 VNNI build of [`unpack_rows`].
+    ///
+    /// # Safety
+    /// See [`unpack_rows`].
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn unpack<T: Tiled>(w: &[u8], n_rows: usize, nb: usize, u: &mut Unpacked) {
+        unsafe { unpack_rows::<T>(w, n_rows, nb, u) }
+    }
+
+    /// AVX-512 VNNI build of [`tile`].
+    ///
+    /// # Safety
+    /// See [`tile`].
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn run<T: Tiled>(u: &Unpacked, cols: &TiledColumns, t: usize, out: &mut [f32]) {
+        unsafe { tile::<T>(u, cols, t, out) }
+    }
+
+    pub(super) const Q3_K: TiledKernel = TiledKernel { unpack: unpack::<Q3K>, tile: run::<Q3K> };
+    pub(super) const Q4_K: TiledKernel = TiledKernel { unpack: unpack::<Q4K>, tile: run::<Q4K> };
+    pub(super) const Q6_K: TiledKernel = TiledKernel { unpack: unpack::<Q6K>, tile: run::<Q6K> };
 }
 
 /// Loads 32 bytes from `p` (no alignment needed).

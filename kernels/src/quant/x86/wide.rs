@@ -36,6 +36,24 @@ unsafe fn scaled_dot(acc: __m512i, u: __m512i, a: *const u8, scales: __m512i) ->
     unsafe { _mm512_dpwssd_epi32(acc, _mm512_maddubs_epi16(u, load512(a)), scales) }
 }
 
+/// `lo` in every i16 lane of the lower 256 bits, `hi` in the upper.
+///
+/// # Safety
+/// AVX-512 F.
+#[inline(always)]
+pub(super) unsafe fn halves16(lo: i16, hi: i16) -> __m512i {
+    unsafe { _mm512_inserti64x4::<1>(_mm512_set1_epi16(lo), _mm256_set1_epi16(hi)) }
+}
+
+/// `lo` in every byte of the lower 256 bits, `hi` in the upper.
+///
+/// # Safety
+/// AVX-512 F.
+#[inline(always)]
+pub(super) unsafe fn halves8(lo: i8, hi: i8) -> __m512i {
+    unsafe { _mm512_inserti64x4::<1>(_mm512_set1_epi8(lo), _mm256_set1_epi8(hi)) }
+}
+
 /// Each i32 lane's value (in i16 range) in both of its i16 halves: the multipliers of
 /// [`scaled_dot`].
 ///
@@ -340,11 +358,9 @@ pub(super) unsafe fn q3_k<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, o
         let mut total = KAcc::<C>::new();
         let (low2, four) = (_mm512_set1_epi8(3), _mm512_set1_epi8(4));
         // Shift counts (in 16-bit lanes) of `qs` in the lower and upper 256-bit half.
-        let counts = |lo: i16, hi: i16| _mm512_inserti64x4::<1>(_mm512_set1_epi16(lo), _mm256_set1_epi16(hi));
-        let qs_shifts = [counts(0, 2), counts(4, 6)];
+        let qs_shifts = [halves16(0, 2), halves16(4, 6)];
         // The `hmask` bit of each half's group, tested byte by byte.
-        let bits = |lo: i8, hi: i8| _mm512_inserti64x4::<1>(_mm512_set1_epi8(1 << lo), _mm256_set1_epi8(1 << hi));
-        let hm_bits = [[bits(0, 1), bits(2, 3)], [bits(4, 5), bits(6, 7)]];
+        let hm_bits = [[halves8(1, 2), halves8(4, 8)], [halves8(16, 32), halves8(64, -128)]];
         for i in 0..nb {
             let b = w.as_ptr().add(i * 110);
             let scales = q3_k_scales(b.add(96));
