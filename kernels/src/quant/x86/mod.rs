@@ -5,13 +5,14 @@
 //! batched decoding); with `C = 1` it is the GEMV of single-token decoding. The arithmetic of
 //! each column is the same whatever `C`, so a token's result does not depend on its batch.
 //!
-//! The 256-bit kernels (`kquants.rs`, `legacy.rs`) are written once, generic over [`Dot`], the
+//! The 256-bit legacy kernels (`legacy.rs`) are written once, generic over [`Dot`], the
 //! `u8 x i8 -> i32` multiply-add of four byte pairs per lane: AVX2's `vpmaddubsw` + `vpmaddwd`
 //! ([`Avx2`]) or AVX-512 VNNI's single `vpdpbusd` on 256-bit registers ([`Vnni`], which also
-//! brings 32 vector registers and byte masks). The AVX-512 VNNI build uses 512-bit kernels
-//! instead for Q3_K, Q4_K, Q6_K (`wide.rs`) and, several weight rows per call, for Q4_0, Q5_0
-//! and Q8_0 (`rows.rs`, whose `vpdpbusd` also takes Q8_0's `w + 128` up to 255: it has no i16
-//! step to saturate). The `u8` side is always a
+//! brings 32 vector registers and byte masks). The 256-bit k-quant kernels (`kquants.rs`) take
+//! `vpmaddubsw` then `vpmaddwd` by the sub-block scales, in both builds. The AVX-512 VNNI build
+//! uses 512-bit kernels instead for Q3_K, Q4_K, Q6_K (`wide.rs`) and, several weight rows per
+//! call, for Q4_0, Q5_0 and Q8_0 (`rows.rs`, whose `vpdpbusd` also takes Q8_0's `w + 128` up to
+//! 255: it has no i16 step to saturate). The `u8` side is always a
 //! weight quant made non-negative (0..=63, or `|w|` for the signed types), so `vpmaddubsw`'s i16
 //! saturation is never reached (at most 2 x 128 x 127 = 32512). Batches of
 //! [`super::TILED_MIN_COLS`] columns or more of Q3_K, Q4_K and Q6_K take the tiled kernels
@@ -19,10 +20,8 @@
 //! [`run_tiled`] rather than [`RawKernel`].
 //!
 //! Exactness: integer sums are exact everywhere; only the f32 summation order differs from the
-//! portable kernels. The 256-bit k-quant kernels even apply the portable kernels' f32 operations
-//! per super-block in their order, so they are bit-identical to them; the 512-bit kernels
-//! accumulate scaled blocks in f32 lanes and sum across lanes once per row, as the 32-element
-//! legacy kernels do (like ggml's AVX2 kernels). Whatever the column kernel, a column's
+//! portable kernels. The column kernels accumulate scaled blocks in f32 lanes and sum across
+//! lanes once per row (like ggml's AVX2 kernels). Whatever the column kernel, a column's
 //! operations never depend on the column count. The tiled kernels apply the portable kernels' f32
 //! operations, so they are bit-identical to them (and differ from `wide.rs` in rounding).
 
@@ -164,17 +163,22 @@ pub(super) fn kernel(ty: GgmlType, isa: X86Isa) -> Option<RawKernel> {
 }
 
 /// Defines module `$name` with the two compiled entry points of a kernel, each dispatching on
-/// the column count: `avx2` from the generic 256-bit body (`unsafe fn body<D: Dot, const C:
-/// usize>(w: &[u8], a: &[&[u8]; C], nb: usize, out: &mut [f32; C])`), `vnni` from the same body
-/// with [`Vnni`], or from a 512-bit body (`body<const C: usize>`) when one is given.
+/// the column count: `avx2` and `vnni` (compiled for AVX-512 VNNI). A legacy body is generic
+/// over [`Dot`] (`unsafe fn body<D: Dot, const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize,
+/// out: &mut [f32; C])`) and built with [`Avx2`] and [`Vnni`]; a k-quant body (`body<const C:
+/// usize>`, AVX2 instructions only) serves both builds, unless a 512-bit body replaces it in the
+/// `vnni` one (`wide`).
 macro_rules! entry_points {
-    ($name:ident, $module:ident :: $body:ident) => {
-        entry_points!($name, $module::$body, vnni: $module::$body[Vnni]);
+    ($name:ident, legacy :: $body:ident) => {
+        entry_points!($name, avx2: legacy::$body[Avx2], vnni: legacy::$body[Vnni]);
     };
-    ($name:ident, $module:ident :: $body:ident, wide) => {
-        entry_points!($name, $module::$body, vnni: wide::$body[]);
+    ($name:ident, kquants :: $body:ident) => {
+        entry_points!($name, avx2: kquants::$body[], vnni: kquants::$body[]);
     };
-    ($name:ident, $module:ident :: $body:ident, vnni: $vm:ident :: $vbody:ident [$($vg:ty)?]) => {
+    ($name:ident, kquants :: $body:ident, wide) => {
+        entry_points!($name, avx2: kquants::$body[], vnni: wide::$body[]);
+    };
+    ($name:ident, avx2: $am:ident :: $abody:ident [$($ag:ty)?], vnni: $vm:ident :: $vbody:ident [$($vg:ty)?]) => {
         mod $name {
             use super::*;
 
@@ -184,7 +188,7 @@ macro_rules! entry_points {
             /// See [`RawKernel`].
             #[target_feature(enable = "avx2,fma,f16c")]
             pub(super) unsafe fn avx2(w: &[u8], a: &[&[u8]], nb: usize, out: &mut [f32]) {
-                unsafe { dispatch_cols!($module::$body, [Avx2], w, a, nb, out) }
+                unsafe { dispatch_cols!($am::$abody, [$($ag)?], w, a, nb, out) }
             }
 
             /// AVX-512 VNNI build.
@@ -371,20 +375,6 @@ mod tiled_entry {
 #[inline(always)]
 unsafe fn load(p: *const u8) -> __m256i {
     unsafe { _mm256_loadu_si256(p.cast()) }
-}
-
-/// Sum of the eight i32 lanes (wrapping, exact for the kernels' bounded sums).
-///
-/// # Safety
-/// AVX2.
-#[inline(always)]
-unsafe fn hsum_i32(v: __m256i) -> i32 {
-    unsafe {
-        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
-        _mm_cvtsi128_si32(s)
-    }
 }
 
 /// Sum of the eight f32 lanes.
