@@ -89,6 +89,35 @@ fn bench_matmul(group: &mut BenchmarkGroup<'_, WallTime>, ty: GgmlType, rows: us
     }
 }
 
+/// Bytes of weights [`streamed_gemv`] reads per iteration: far more than the last-level cache.
+const STREAMED_BYTES: usize = 256 << 20;
+
+/// Single-token decoding's expert GEMVs as they meet memory: one activation row times a run of
+/// distinct expert matrices totalling [`STREAMED_BYTES`], read from DRAM (gate/up shape `[896,
+/// 2304]` for the k-quants, down shape `[2304, 896]` for the 32-element types the 896-wide
+/// `ffn_down_exps` fall back to). Throughput in weight bytes: compare with `read_bandwidth`.
+fn streamed_gemv(c: &mut Criterion) {
+    let mut group = c.benchmark_group("expert_gemv_streamed");
+    let types = [GgmlType::Q3_K, GgmlType::Q4_K, GgmlType::Q6_K, GgmlType::Q4_0, GgmlType::Q5_0, GgmlType::Q8_0];
+    for ty in types {
+        let (rows, cols) = if ty.block_size() == 256 { (N_FF_EXP, N_EMBD) } else { (N_EMBD, N_FF_EXP) };
+        let matrix_bytes = rows * ty.row_bytes(cols).expect("whole blocks");
+        let n_matrices = STREAMED_BYTES / matrix_bytes;
+        let w = weights(ty, rows * n_matrices, cols);
+        let act = QuantizedActivations::quantize(ty.vec_dot_type(), &activations(cols), 1, cols);
+        let mut out = vec![0.0f32; rows];
+        group.throughput(Throughput::Bytes(w.len() as u64));
+        group.bench_function(ty.name(), |b| {
+            b.iter(|| {
+                for m in w.chunks_exact(matrix_bytes) {
+                    matmul(&QMatrix::new(ty, rows, cols, m), &act, &mut out);
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
 fn activation_quantization(c: &mut Criterion) {
     let mut group = c.benchmark_group("quantize_activations");
     for n_rows in [1, 64] {
@@ -174,6 +203,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = vec_dots, matmuls, output_head, activation_quantization, read_probe, rms_norms, attention, routing
+    targets = vec_dots, matmuls, output_head, streamed_gemv, activation_quantization, read_probe, rms_norms, attention, routing
 }
 criterion_main!(benches);

@@ -17,7 +17,7 @@
 use std::arch::x86_64::*;
 
 use super::super::kquants::k4_scales_mins;
-use super::{f16_splat, hsum_f32, load};
+use super::{f16_splat, hsum_f32, load, prefetch_ahead};
 
 /// Bytes of a `block_q8_K`; `d` at 0, quants at 4, `bsums` at 260.
 pub(super) const Q8_K_BYTES: usize = 292;
@@ -216,6 +216,7 @@ pub(super) unsafe fn q2_k<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, o
         let low2 = _mm256_set1_epi8(3);
         for i in 0..nb {
             let b = w.as_ptr().add(i * 84);
+            prefetch_ahead(b, 84);
             let packed = _mm_loadu_si128(b.cast());
             let s16 = _mm256_cvtepu8_epi16(_mm_and_si128(packed, _mm_set1_epi8(0xF)));
             let m16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(packed), _mm_set1_epi8(0xF)));
@@ -249,6 +250,7 @@ pub(super) unsafe fn q3_k<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, o
         let (low2, one) = (_mm256_set1_epi8(3), _mm256_set1_epi8(1));
         for i in 0..nb {
             let b = w.as_ptr().add(i * 110);
+            prefetch_ahead(b, 110);
             let s16 = _mm256_cvtepi8_epi16(q3_k_scales(b.add(96)));
             let halves = halves_of(s16);
             let hm = load(b);
@@ -317,6 +319,7 @@ pub(super) unsafe fn q4_k<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, o
         let low4 = _mm256_set1_epi8(0xF);
         for i in 0..nb {
             let b = w.as_ptr().add(i * 144);
+            prefetch_ahead(b, 144);
             let (scales, mins16) = k4_scales(b.add(4));
             let mut isum = [_mm256_setzero_si256(); C];
             for j in 0..4 {
@@ -344,6 +347,7 @@ pub(super) unsafe fn q5_k<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, o
         let (low4, one) = (_mm256_set1_epi8(0xF), _mm256_set1_epi8(1));
         for i in 0..nb {
             let b = w.as_ptr().add(i * 176);
+            prefetch_ahead(b, 176);
             let (scales, mins16) = k4_scales(b.add(4));
             let qh = load(b.add(16));
             let mut isum = [_mm256_setzero_si256(); C];
@@ -377,6 +381,7 @@ pub(super) unsafe fn q6_k<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, o
         let (low4, high2) = (_mm256_set1_epi8(0xF), _mm256_set1_epi8(0x30));
         for i in 0..nb {
             let b = w.as_ptr().add(i * 210);
+            prefetch_ahead(b, 210);
             let s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(b.add(192).cast()));
             let halves = halves_of(s16);
             let mut isum = [_mm256_setzero_si256(); C];

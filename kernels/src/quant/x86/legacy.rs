@@ -9,7 +9,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{Dot, f16_at, f16_splat, hsum_f32, load};
+use super::{Dot, f16_at, f16_splat, hsum_f32, load, prefetch_ahead};
 
 /// Bytes of a `block_q8_0` (`d` at 0, quants at 2) and a `block_q8_1` (`d`, `s`, quants at 4).
 const Q8_0_BYTES: usize = 34;
@@ -36,6 +36,9 @@ unsafe fn five_bit<D: Dot>(qh: *const u8, qs: *const u8) -> __m256i {
     unsafe { _mm256_or_si256(nibbles(qs), D::bits_to_bytes(qh.cast::<u32>().read_unaligned(), 0x10)) }
 }
 
+/// Blocks per software prefetch of the legacy kernels (one request per line of these blocks).
+const PREFETCH_BLOCKS: usize = 4;
+
 /// Shared loop of the kernels with Q8_0 activations and signed weights: `weights(block)` gives
 /// the block's `d` and its 32 signed quants.
 ///
@@ -54,6 +57,9 @@ unsafe fn signed_q8_0<D: Dot, const C: usize>(
         let mut acc = [_mm256_setzero_ps(); C];
         for i in 0..nb {
             let b = w.as_ptr().add(i * block_bytes);
+            if i % PREFETCH_BLOCKS == 0 {
+                prefetch_ahead(b, PREFETCH_BLOCKS * block_bytes);
+            }
             let q = weights(b);
             let u = _mm256_sign_epi8(q, q);
             let dw = f16_splat(b);
@@ -89,6 +95,9 @@ unsafe fn affine_q8_1<D: Dot, const C: usize>(
         let mut summ = [0.0f32; C];
         for i in 0..nb {
             let b = w.as_ptr().add(i * block_bytes);
+            if i % PREFETCH_BLOCKS == 0 {
+                prefetch_ahead(b, PREFETCH_BLOCKS * block_bytes);
+            }
             let u = weights(b);
             let (dw, m) = (f16_splat(b), f16_at(b.add(2)));
             for c in 0..C {

@@ -368,6 +368,23 @@ mod tiled_entry {
     pub(super) const Q6_K: TiledKernel = TiledKernel { unpack: unpack::<Q6K>, tile: run::<Q6K> };
 }
 
+/// How far ahead of the block being read the kernels prefetch weights, in bytes. The hardware
+/// prefetcher alone left a 2-thread Q4_K/Q6_K GEMV streaming from DRAM at 10.5 GB/s on Zen 3;
+/// with 2 KiB ahead it read 12.5-13 GB/s (of a 16 GB/s probe).
+const PREFETCH_DISTANCE: usize = 2048;
+
+/// Prefetches into L1 the `len` bytes [`PREFETCH_DISTANCE`] past `p`, one request per 64-byte
+/// line. Past the end of a row this reaches into the next row of the matrix (or harmlessly
+/// beyond: a prefetch never faults).
+#[inline(always)]
+fn prefetch_ahead(p: *const u8, len: usize) {
+    let ahead = p.wrapping_add(PREFETCH_DISTANCE);
+    for line in (0..len).step_by(64) {
+        // SAFETY: a prefetch only hints the cache; it never faults, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast()) };
+    }
+}
+
 /// Loads 32 bytes from `p` (no alignment needed).
 ///
 /// # Safety
