@@ -72,7 +72,7 @@ unsafe fn scaled_pairs(u: __m256i, a: *const u8, scales: __m256i) -> __m256i {
 /// AVX2.
 #[inline(always)]
 unsafe fn spread16(v: __m256i, lo: usize, hi: usize) -> __m256i {
-    let pick = |k: usize| ((2 * k + 1) << 8 | 2 * k) as i16;
+    let pick = |k: usize| (((2 * k + 1) << 8) | (2 * k)) as i16;
     unsafe { _mm256_shuffle_epi8(v, _mm256_setr_m128i(_mm_set1_epi16(pick(lo)), _mm_set1_epi16(pick(hi)))) }
 }
 
