@@ -9,6 +9,7 @@
 
 use std::arch::x86_64::*;
 
+use super::wide::{Q4_0, Q5_0, Q8_0};
 use super::{Dot, f16_at, f16_splat, hsum_f32, load, prefetch_ahead};
 
 /// Bytes of a `block_q8_0` (`d` at 0, quants at 2) and a `block_q8_1` (`d`, `s`, quants at 4).
@@ -39,35 +40,73 @@ unsafe fn five_bit<D: Dot>(qh: *const u8, qs: *const u8) -> __m256i {
 /// Blocks per software prefetch of the legacy kernels (one request per line of these blocks).
 const PREFETCH_BLOCKS: usize = 4;
 
-/// Shared loop of the kernels with Q8_0 activations and signed weights: `weights(block)` gives
-/// the block's `d` and its 32 signed quants.
+/// One block and column of [`signed_q8_0`]: `sum(w * a)` in f32 lanes and `d_w * d_a`, for the
+/// block's signed quants `q` and scale `dw` (every lane) and the Q8_0 activation block at `p`.
 ///
 /// # Safety
-/// See `RawKernel` in the parent module; `weights` reads only inside its block.
+/// `p..p + 34` readable; the CPU supports `D`, FMA and F16C.
 #[inline(always)]
-unsafe fn signed_q8_0<D: Dot, const C: usize>(
-    w: &[u8],
-    a: &[&[u8]; C],
-    nb: usize,
-    out: &mut [f32; C],
-    block_bytes: usize,
-    weights: impl Fn(*const u8) -> __m256i,
-) {
+unsafe fn signed_block<D: Dot>(p: *const u8, q: __m256i, dw: __m256) -> (__m256, __m256) {
+    unsafe {
+        let s = _mm256_sign_epi8(load(p.add(2)), q);
+        let sum = _mm256_cvtepi32_ps(D::dpbusd(_mm256_setzero_si256(), _mm256_sign_epi8(q, q), s));
+        (sum, _mm256_mul_ps(dw, f16_splat(p)))
+    }
+}
+
+/// The 32 signed quants of the `TYPE` block at `b` (a `wide` type tag): Q4_0 `q - 8`, Q5_0
+/// `q - 16`, Q8_0 as stored.
+///
+/// # Safety
+/// A block of `TYPE` readable at `b`; the CPU supports `D`.
+#[inline(always)]
+unsafe fn signed_weights<D: Dot, const TYPE: u8>(b: *const u8) -> __m256i {
+    unsafe {
+        match TYPE {
+            Q4_0 => _mm256_sub_epi8(nibbles(b.add(2)), _mm256_set1_epi8(8)),
+            Q5_0 => _mm256_sub_epi8(five_bit::<D>(b.add(2), b.add(6)), _mm256_set1_epi8(16)),
+            _ => load(b.add(2)),
+        }
+    }
+}
+
+/// Shared loop of the kernels with Q8_0 activations and signed weights of `TYPE` (a `wide`
+/// type tag).
+///
+/// # Safety
+/// See `RawKernel` in the parent module.
+#[inline(always)]
+unsafe fn signed_q8_0<D: Dot, const TYPE: u8, const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, out: &mut [f32; C]) {
+    let block_bytes = match TYPE {
+        Q4_0 => 18,
+        Q5_0 => 22,
+        _ => 34,
+    };
     unsafe {
         let mut acc = [_mm256_setzero_ps(); C];
-        for i in 0..nb {
-            let b = w.as_ptr().add(i * block_bytes);
+        // Two blocks per step, added to the accumulator as one fused pair: one dependent add
+        // per two blocks.
+        for i in (0..nb - nb % 2).step_by(2) {
+            let (b0, b1) = (w.as_ptr().add(i * block_bytes), w.as_ptr().add((i + 1) * block_bytes));
             if i % PREFETCH_BLOCKS == 0 {
-                prefetch_ahead(b, PREFETCH_BLOCKS * block_bytes);
+                prefetch_ahead(b0, PREFETCH_BLOCKS * block_bytes);
             }
-            let q = weights(b);
-            let u = _mm256_sign_epi8(q, q);
-            let dw = f16_splat(b);
+            let (q0, q1) = (signed_weights::<D, TYPE>(b0), signed_weights::<D, TYPE>(b1));
+            let (dw0, dw1) = (f16_splat(b0), f16_splat(b1));
             for c in 0..C {
                 let p = a[c].as_ptr().add(i * Q8_0_BYTES);
-                let s = _mm256_sign_epi8(load(p.add(2)), q);
-                let sum = _mm256_cvtepi32_ps(D::dpbusd(_mm256_setzero_si256(), u, s));
-                acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(dw, f16_splat(p)), sum, acc[c]);
+                let (s0, d0) = signed_block::<D>(p, q0, dw0);
+                let (s1, d1) = signed_block::<D>(p.add(Q8_0_BYTES), q1, dw1);
+                acc[c] = _mm256_add_ps(acc[c], _mm256_fmadd_ps(s1, d1, _mm256_mul_ps(s0, d0)));
+            }
+        }
+        if nb % 2 == 1 {
+            let i = nb - 1;
+            let b = w.as_ptr().add(i * block_bytes);
+            let (q, dw) = (signed_weights::<D, TYPE>(b), f16_splat(b));
+            for c in 0..C {
+                let (s, d) = signed_block::<D>(a[c].as_ptr().add(i * Q8_0_BYTES), q, dw);
+                acc[c] = _mm256_fmadd_ps(s, d, acc[c]);
             }
         }
         for c in 0..C {
@@ -119,7 +158,7 @@ unsafe fn affine_q8_1<D: Dot, const C: usize>(
 /// See `RawKernel` in the parent module.
 #[inline(always)]
 pub(super) unsafe fn q4_0<D: Dot, const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, out: &mut [f32; C]) {
-    unsafe { signed_q8_0::<D, C>(w, a, nb, out, 18, |b| _mm256_sub_epi8(nibbles(b.add(2)), _mm256_set1_epi8(8))) }
+    unsafe { signed_q8_0::<D, Q4_0, C>(w, a, nb, out) }
 }
 
 /// Q5_0 (22 bytes: `d`, `qh`, 16 bytes of nibbles): `w = q - 16`.
@@ -128,11 +167,7 @@ pub(super) unsafe fn q4_0<D: Dot, const C: usize>(w: &[u8], a: &[&[u8]; C], nb: 
 /// See `RawKernel` in the parent module.
 #[inline(always)]
 pub(super) unsafe fn q5_0<D: Dot, const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, out: &mut [f32; C]) {
-    unsafe {
-        signed_q8_0::<D, C>(w, a, nb, out, 22, |b| {
-            _mm256_sub_epi8(five_bit::<D>(b.add(2), b.add(6)), _mm256_set1_epi8(16))
-        })
-    }
+    unsafe { signed_q8_0::<D, Q5_0, C>(w, a, nb, out) }
 }
 
 /// Q8_0 (34 bytes: `d`, 32 signed quants).
@@ -141,7 +176,7 @@ pub(super) unsafe fn q5_0<D: Dot, const C: usize>(w: &[u8], a: &[&[u8]; C], nb: 
 /// See `RawKernel` in the parent module.
 #[inline(always)]
 pub(super) unsafe fn q8_0<D: Dot, const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, out: &mut [f32; C]) {
-    unsafe { signed_q8_0::<D, C>(w, a, nb, out, 34, |b| load(b.add(2))) }
+    unsafe { signed_q8_0::<D, Q8_0, C>(w, a, nb, out) }
 }
 
 /// Q4_1 (20 bytes: `d`, `m`, 16 bytes of nibbles) with Q8_1: `d_w d_a sum(q a) + m s_a`.
