@@ -146,6 +146,10 @@ impl<'a> Columns<'a> {
 pub(crate) fn dot_rows(w: &QMatrix, x: &Columns, rows: Range<usize>, mut sink: impl FnMut(usize, usize, f32)) {
     let kernel = &x.kernel;
     let rb = w.row_bytes();
+    if kernel.takes_lanes(x.rows.len()) {
+        kernel.run_lanes(&w.data[rows.start * rb..rows.end * rb], &x.rows, |r, t, v| sink(rows.start + r, t, v));
+        return;
+    }
     let mut first = 0;
     if let Some(tiled) = &x.tiled {
         for start in rows.clone().step_by(TILED_MAX_ROWS) {
@@ -241,11 +245,12 @@ mod tests {
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
-    const TYPES: [GgmlType; 9] = [
+    const TYPES: [GgmlType; 10] = [
         GgmlType::F32,
         GgmlType::F16,
         GgmlType::BF16,
         GgmlType::Q8_0,
+        GgmlType::Q4_0,
         GgmlType::Q4_1,
         GgmlType::Q5_0,
         GgmlType::Q3_K,
@@ -282,10 +287,13 @@ mod tests {
                         let x = QuantizedActivations::quantize(ty.vec_dot_type(), &xf, n_rows, cols);
                         let mut out = vec![f32::NAN; n_rows * rows];
                         pool.install(|| matmul(&w, &x, &mut out));
-                        // Columns the tiled kernel takes give the portable kernel's bits.
+                        // Columns the tiled or lanes kernels take give the portable kernel's bits.
                         let a: Vec<&[u8]> = (0..n_rows).map(|t| x.row(t)).collect();
                         let kernel = DotKernel::new(Isa::active(), ty, cols);
-                        let tiled = kernel.tiled_columns(&a).map_or(0, |t| t.n_cols());
+                        let tiled = match kernel.takes_lanes(n_rows) {
+                            true => n_rows,
+                            false => kernel.tiled_columns(&a).map_or(0, |t| t.n_cols()),
+                        };
                         for t in 0..n_rows {
                             for r in 0..rows {
                                 let want = match t < tiled {

@@ -26,6 +26,7 @@
 //! operations, so they are bit-identical to them (and differ from `wide.rs` in rounding).
 
 mod kquants;
+mod lanes;
 mod legacy;
 mod rows;
 pub(crate) mod tiled;
@@ -285,6 +286,49 @@ mod rows_entry {
     rows_entry!(q4_0, Q4_0);
     rows_entry!(q5_0, Q5_0);
     rows_entry!(q8_0, Q8_0);
+}
+
+/// A GEMM kernel with weight rows in the vector lanes (`lanes.rs`): `sink(r, c, dot(row r,
+/// a[c]))` for the `n_rows` rows of `w` (whole rows of `n_blocks` blocks, back to back) and every
+/// column of `a` (Q8_0 rows of `n_blocks` blocks).
+///
+/// # Safety
+/// The lengths as stated, and the CPU supports AVX2, FMA and F16C.
+pub(super) type LanesKernel =
+    unsafe fn(w: &[u8], n_rows: usize, n_blocks: usize, a: &[&[u8]], sink: &mut dyn FnMut(usize, usize, f32));
+
+/// The lanes kernel for weights of type `ty` on `isa`, where there is one (Q4_0, Q5_0 on AVX2;
+/// AVX-512 VNNI has its several-rows kernels).
+pub(super) fn lanes_kernel(ty: GgmlType, isa: X86Isa) -> Option<LanesKernel> {
+    match (isa, ty) {
+        (X86Isa::Avx2, GgmlType::Q4_0) => Some(lanes_entry::q4_0),
+        (X86Isa::Avx2, GgmlType::Q5_0) => Some(lanes_entry::q5_0),
+        _ => None,
+    }
+}
+
+/// The compiled [`LanesKernel`]s.
+mod lanes_entry {
+    use super::lanes::legacy_lanes;
+    use super::wide::{Q4_0, Q5_0};
+
+    /// AVX2 build of [`legacy_lanes`] for Q4_0.
+    ///
+    /// # Safety
+    /// See [`super::LanesKernel`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q4_0(w: &[u8], n_rows: usize, nb: usize, a: &[&[u8]], sink: &mut dyn FnMut(usize, usize, f32)) {
+        unsafe { legacy_lanes::<Q4_0>(w, n_rows, nb, a, sink) }
+    }
+
+    /// AVX2 build of [`legacy_lanes`] for Q5_0.
+    ///
+    /// # Safety
+    /// See [`super::LanesKernel`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q5_0(w: &[u8], n_rows: usize, nb: usize, a: &[&[u8]], sink: &mut dyn FnMut(usize, usize, f32)) {
+        unsafe { legacy_lanes::<Q5_0>(w, n_rows, nb, a, sink) }
+    }
 }
 
 /// The tiled kernel of a k-quant type (`tiled.rs`): how its rows unpack, and one tile of

@@ -1,0 +1,269 @@
+//! Q4_0 and Q5_0 GEMM with eight weight rows in the vector lanes (AVX2): the kernel for prefill
+//! and other batches of [`super::super::TILED_MIN_COLS`] columns or more.
+//!
+//! The column kernels (`legacy.rs`) sum each 32-element block of one row and one
+//! column across the eight lanes of a vector and then scale it in f32: per block and column
+//! about nine instructions, most of them the scaling. Here a call transposes its weight rows
+//! once, eight at a time (a band): per block, vector `g` holds elements `4g..4g + 4` of the eight
+//! rows, one row per 32-bit lane, with the eight rows' scales in one f32 vector. Then per block
+//! and column, eight `vpmaddubsw` multiply the column's four activations `4g..4g + 4`
+//! (broadcast) with those vectors, the products of a block are added in i16 lanes and widened
+//! once, and one conversion and two multiplies scale the eight rows together.
+//!
+//! `vpmaddubsw` takes the activations as its unsigned operand, as `a + 128` (the call's
+//! preparation flips their sign bits once per column), and the signed weights `w` (Q4_0 `q - 8`,
+//! Q5_0 `q - 16`); each row's `128 * sum(w)` per block, computed in the transpose, is subtracted
+//! from the widened sum. The i16 lanes hold exact sums: a product pair is at most `2 * 255 * 16`
+//! and a lane adds eight pairs of Q4_0 (at most 32640) or four of Q5_0 (32640) before widening.
+//!
+//! Exactness: integer sums are exact, and each block adds its product of `isum`, `d_w` and `d_a`
+//! to its row's sum in the portable kernels' order and rounding (`quant/legacy.rs`), so every result is the portable
+//! kernel's, bit for bit, whatever the column count.
+
+use std::arch::x86_64::*;
+use std::cell::Cell;
+
+use super::wide::{Q4_0, Q5_0};
+use super::{Avx2, Dot, load};
+
+/// Weight rows per band: the eight 32-bit lanes of a vector.
+pub(super) const BAND_ROWS: usize = 8;
+/// Bytes of a Q8_0 activation block: f16 scale, 32 quants.
+const Q8_0_BYTES: usize = 34;
+
+/// The columns of a call, prepared once: per column and block the 32 activation quants plus 128
+/// (as u8) and the block's scale.
+#[derive(Default)]
+struct Prepared {
+    /// `[column][block][32]`.
+    quants: Vec<u8>,
+    /// `[column][block]`.
+    d: Vec<f32>,
+}
+
+/// One band of weight rows, transposed. Reused per thread.
+#[derive(Default)]
+struct Band {
+    /// `[block][g: 8]`: elements `4g..4g + 4` of the band's rows, row `r` in lane `r`.
+    codes: Vec<__m256i>,
+    /// `[block]`: `128 * sum(w)` of each row's block, per lane.
+    offsets: Vec<__m256i>,
+    /// `[block]`: each row's `d_w`, per lane (0 for padding rows).
+    d: Vec<__m256>,
+}
+
+thread_local! {
+    static BUFFERS: Cell<(Prepared, Band)> = Cell::new(Default::default());
+}
+
+/// Bytes of a weight block of the type.
+const fn block_bytes(ty: u8) -> usize {
+    if ty == Q4_0 { 18 } else { 22 }
+}
+
+/// The 32 signed weights of the `TYPE` block at `b`, in element order.
+///
+/// # Safety
+/// A block of `TYPE` readable at `b`; AVX2.
+#[inline(always)]
+unsafe fn signed_weights<const TYPE: u8>(b: *const u8) -> __m256i {
+    unsafe {
+        let qs = _mm_loadu_si128(b.add(if TYPE == Q5_0 { 6 } else { 2 }).cast());
+        let nibbles = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(qs), qs), _mm256_set1_epi8(0xF));
+        if TYPE == Q4_0 {
+            return _mm256_sub_epi8(nibbles, _mm256_set1_epi8(8));
+        }
+        let high = Avx2::bits_to_bytes(b.add(2).cast::<u32>().read_unaligned(), 0x10);
+        _mm256_sub_epi8(_mm256_or_si256(nibbles, high), _mm256_set1_epi8(16))
+    }
+}
+
+/// The 8x8 transpose of 32-bit elements: lane `r` of result `g` is element `g` of `v[r]`.
+///
+/// # Safety
+/// AVX2.
+#[inline(always)]
+unsafe fn transpose8(v: [__m256i; 8]) -> [__m256i; 8] {
+    unsafe {
+        let t = [
+            _mm256_unpacklo_epi32(v[0], v[1]),
+            _mm256_unpackhi_epi32(v[0], v[1]),
+            _mm256_unpacklo_epi32(v[2], v[3]),
+            _mm256_unpackhi_epi32(v[2], v[3]),
+            _mm256_unpacklo_epi32(v[4], v[5]),
+            _mm256_unpackhi_epi32(v[4], v[5]),
+            _mm256_unpacklo_epi32(v[6], v[7]),
+            _mm256_unpackhi_epi32(v[6], v[7]),
+        ];
+        // u[k] (rows 0..4) and u[4 + k] (rows 4..8) hold elements k and 4 + k in their halves.
+        let u = [
+            _mm256_unpacklo_epi64(t[0], t[2]),
+            _mm256_unpackhi_epi64(t[0], t[2]),
+            _mm256_unpacklo_epi64(t[1], t[3]),
+            _mm256_unpackhi_epi64(t[1], t[3]),
+            _mm256_unpacklo_epi64(t[4], t[6]),
+            _mm256_unpackhi_epi64(t[4], t[6]),
+            _mm256_unpacklo_epi64(t[5], t[7]),
+            _mm256_unpackhi_epi64(t[5], t[7]),
+        ];
+        [
+            _mm256_permute2x128_si256::<0x20>(u[0], u[4]),
+            _mm256_permute2x128_si256::<0x20>(u[1], u[5]),
+            _mm256_permute2x128_si256::<0x20>(u[2], u[6]),
+            _mm256_permute2x128_si256::<0x20>(u[3], u[7]),
+            _mm256_permute2x128_si256::<0x31>(u[0], u[4]),
+            _mm256_permute2x128_si256::<0x31>(u[1], u[5]),
+            _mm256_permute2x128_si256::<0x31>(u[2], u[6]),
+            _mm256_permute2x128_si256::<0x31>(u[3], u[7]),
+        ]
+    }
+}
+
+/// Transposes rows `row0..row0 + n` (`n <= 8`; the rest of the band zero) of `w` (rows of `nb`
+/// blocks of `TYPE`) into `band`.
+///
+/// # Safety
+/// `w` holds the rows; AVX2, F16C.
+#[inline(always)]
+unsafe fn transpose_band<const TYPE: u8>(w: &[u8], row0: usize, n: usize, nb: usize, band: &mut Band) {
+    let bytes = block_bytes(TYPE);
+    band.codes.clear();
+    band.offsets.clear();
+    band.d.clear();
+    unsafe {
+        let ones8 = _mm256_set1_epi8(1);
+        for k in 0..nb {
+            let mut rows = [_mm256_setzero_si256(); BAND_ROWS];
+            let mut d = [0u16; BAND_ROWS];
+            for (r, (row, d)) in rows.iter_mut().zip(&mut d).enumerate().take(n) {
+                let b = w.as_ptr().add(((row0 + r) * nb + k) * bytes);
+                *row = signed_weights::<TYPE>(b);
+                *d = b.cast::<u16>().read_unaligned();
+            }
+            let codes = transpose8(rows);
+            // Per lane (row): sum(w) as i16 pairs over the eight vectors, widened once.
+            let mut pairs = _mm256_setzero_si256();
+            for &c in &codes {
+                pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(ones8, c));
+            }
+            band.codes.extend_from_slice(&codes);
+            band.offsets.push(_mm256_slli_epi32::<7>(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1))));
+            band.d.push(_mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr().cast())));
+        }
+    }
+}
+
+/// The i16 pair products of activations `4g..4g + 4` at `a` (broadcast) with vector `g` of a
+/// block's transposed weights at `codes`.
+///
+/// # Safety
+/// `a..a + 32` readable, `codes` eight vectors; AVX2.
+#[inline(always)]
+unsafe fn product(a: *const u8, codes: *const __m256i, g: usize) -> __m256i {
+    unsafe { _mm256_maddubs_epi16(_mm256_set1_epi32(a.add(4 * g).cast::<i32>().read_unaligned()), *codes.add(g)) }
+}
+
+/// The i16 sum of the eight products of a Q4_0 block (`g` = 0..8) or of half a Q5_0 block
+/// (`g` = `first..first + 4`, as each of its pairs can reach `2 * 255 * 16`), added as a tree.
+///
+/// # Safety
+/// As [`product`].
+#[inline(always)]
+unsafe fn product_sum<const GROUPS: usize>(a: *const u8, codes: *const __m256i, first: usize) -> __m256i {
+    unsafe {
+        let p = |g: usize| product(a, codes, first + g);
+        let quad = |g: usize| _mm256_add_epi16(_mm256_add_epi16(p(g), p(g + 1)), _mm256_add_epi16(p(g + 2), p(g + 3)));
+        if GROUPS == 8 { _mm256_add_epi16(quad(0), quad(4)) } else { quad(0) }
+    }
+}
+
+/// The eight rows of `band` times the `N` prepared columns `c0..c0 + N`: per block the portable
+/// kernel's product of `isum`, `d_w` and `d_a`, added in block order.
+///
+/// # Safety
+/// `band` and `cols` hold `nb` blocks, `cols` at least `c0 + N` columns; AVX2.
+#[inline(always)]
+unsafe fn band_columns<const TYPE: u8, const N: usize>(band: &Band, cols: &Prepared, c0: usize, nb: usize) -> [__m256; N] {
+    unsafe {
+        let ones16 = _mm256_set1_epi16(1);
+        let mut sum = [_mm256_setzero_ps(); N];
+        for k in 0..nb {
+            let codes = band.codes.as_ptr().add(k * 8);
+            let (offset, dw) = (*band.offsets.as_ptr().add(k), *band.d.as_ptr().add(k));
+            for (j, sum) in sum.iter_mut().enumerate() {
+                let c = c0 + j;
+                let a = cols.quants.as_ptr().add((c * nb + k) * 32);
+                let isum = if TYPE == Q4_0 {
+                    _mm256_madd_epi16(product_sum::<8>(a, codes, 0), ones16)
+                } else {
+                    let lo = _mm256_madd_epi16(product_sum::<4>(a, codes, 0), ones16);
+                    _mm256_add_epi32(lo, _mm256_madd_epi16(product_sum::<4>(a, codes, 4), ones16))
+                };
+                let isum = _mm256_cvtepi32_ps(_mm256_sub_epi32(isum, offset));
+                let da = _mm256_set1_ps(*cols.d.as_ptr().add(c * nb + k));
+                // The portable kernels' products: Q4_0 `(isum * d_w) * d_a`, Q5_0
+                // `(d_w * d_a) * isum`.
+                let part = match TYPE {
+                    Q4_0 => _mm256_mul_ps(_mm256_mul_ps(isum, dw), da),
+                    _ => _mm256_mul_ps(_mm256_mul_ps(dw, da), isum),
+                };
+                *sum = _mm256_add_ps(*sum, part);
+            }
+        }
+        sum
+    }
+}
+
+/// `sink(r, c, dot(row r, a[c]))` for the `n_rows` rows of `nb` blocks of `TYPE` in `w` and every
+/// column of `a` (Q8_0 rows of `nb` blocks).
+///
+/// # Safety
+/// `w` holds `n_rows` rows of `nb` blocks of `TYPE`, every `a[c]` `nb` Q8_0 blocks; AVX2, FMA,
+/// F16C.
+#[inline(always)]
+pub(super) unsafe fn legacy_lanes<const TYPE: u8>(
+    w: &[u8],
+    n_rows: usize,
+    nb: usize,
+    a: &[&[u8]],
+    sink: &mut dyn FnMut(usize, usize, f32),
+) {
+    // Taken out of the thread-local rather than borrowed in a closure: a closure would not
+    // inherit the caller's target features, and the intrinsics would not inline.
+    let (mut cols, mut band) = BUFFERS.take();
+    cols.quants.clear();
+    cols.d.clear();
+    unsafe {
+        let flip = _mm256_set1_epi8(i8::MIN);
+        for col in a {
+            for k in 0..nb {
+                let p = col.as_ptr().add(k * Q8_0_BYTES);
+                let mut flipped = [0u8; 32];
+                _mm256_storeu_si256(flipped.as_mut_ptr().cast(), _mm256_xor_si256(load(p.add(2)), flip));
+                cols.quants.extend_from_slice(&flipped);
+                cols.d.push(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(p.cast::<u16>().read_unaligned())))));
+            }
+        }
+        for row0 in (0..n_rows).step_by(BAND_ROWS) {
+            let n = BAND_ROWS.min(n_rows - row0);
+            transpose_band::<TYPE>(w, row0, n, nb, &mut band);
+            let mut emit = |c: usize, v: __m256| {
+                let mut values = [0.0f32; BAND_ROWS];
+                _mm256_storeu_ps(values.as_mut_ptr(), v);
+                for (r, &v) in values.iter().enumerate().take(n) {
+                    sink(row0 + r, c, v);
+                }
+            };
+            for c0 in (0..a.len() - a.len() % 2).step_by(2) {
+                let [v0, v1] = band_columns::<TYPE, 2>(&band, &cols, c0, nb);
+                emit(c0, v0);
+                emit(c0 + 1, v1);
+            }
+            if a.len() % 2 == 1 {
+                let [v] = band_columns::<TYPE, 1>(&band, &cols, a.len() - 1, nb);
+                emit(a.len() - 1, v);
+            }
+        }
+    }
+    BUFFERS.set((cols, band));
+}
