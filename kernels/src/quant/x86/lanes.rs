@@ -183,7 +183,12 @@ unsafe fn product_sum<const GROUPS: usize>(a: *const u8, codes: *const __m256i, 
 /// # Safety
 /// `band` and `cols` hold `nb` blocks, `cols` at least `c0 + N` columns; AVX2.
 #[inline(always)]
-unsafe fn band_columns<const TYPE: u8, const N: usize>(band: &Band, cols: &Prepared, c0: usize, nb: usize) -> [__m256; N] {
+unsafe fn band_columns<const TYPE: u8, const N: usize>(
+    band: &Band,
+    cols: &Prepared,
+    c0: usize,
+    nb: usize,
+) -> [__m256; N] {
     unsafe {
         let ones16 = _mm256_set1_epi16(1);
         let mut sum = [_mm256_setzero_ps(); N];
@@ -241,7 +246,8 @@ pub(super) unsafe fn legacy_lanes<const TYPE: u8>(
                 let mut flipped = [0u8; 32];
                 _mm256_storeu_si256(flipped.as_mut_ptr().cast(), _mm256_xor_si256(load(p.add(2)), flip));
                 cols.quants.extend_from_slice(&flipped);
-                cols.d.push(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(p.cast::<u16>().read_unaligned())))));
+                cols.d
+                    .push(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(p.cast::<u16>().read_unaligned())))));
             }
         }
         for row0 in (0..n_rows).step_by(BAND_ROWS) {

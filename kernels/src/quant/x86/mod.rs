@@ -317,7 +317,13 @@ mod lanes_entry {
     /// # Safety
     /// See [`super::LanesKernel`].
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn q4_0(w: &[u8], n_rows: usize, nb: usize, a: &[&[u8]], sink: &mut dyn FnMut(usize, usize, f32)) {
+    pub(super) unsafe fn q4_0(
+        w: &[u8],
+        n_rows: usize,
+        nb: usize,
+        a: &[&[u8]],
+        sink: &mut dyn FnMut(usize, usize, f32),
+    ) {
         unsafe { legacy_lanes::<Q4_0>(w, n_rows, nb, a, sink) }
     }
 
@@ -326,7 +332,13 @@ mod lanes_entry {
     /// # Safety
     /// See [`super::LanesKernel`].
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn q5_0(w: &[u8], n_rows: usize, nb: usize, a: &[&[u8]], sink: &mut dyn FnMut(usize, usize, f32)) {
+    pub(super) unsafe fn q5_0(
+        w: &[u8],
+        n_rows: usize,
+        nb: usize,
+        a: &[&[u8]],
+        sink: &mut dyn FnMut(usize, usize, f32),
+    ) {
         unsafe { legacy_lanes::<Q5_0>(w, n_rows, nb, a, sink) }
     }
 }
