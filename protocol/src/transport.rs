@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use quinn::crypto::rustls::{NoInitialCipherSuite, QuicClientConfig, QuicServerConfig};
 use quinn::{Connection, ConnectionError, Endpoint, ReadExactError, RecvStream, SendStream, VarInt};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -256,8 +257,9 @@ pub async fn connect(endpoint: &Endpoint, addr: SocketAddr) -> Result<Connection
 /// Writes one frame: the 12-byte header, then `payload` (at most [`MAX_FRAME_PAYLOAD`] bytes).
 pub async fn write_frame(send: &mut SendStream, kind: FrameKind, payload: &[u8]) -> Result<(), TransportError> {
     let header = FrameHeader::new(kind, payload.len())?;
-    send.write_all(&header.to_bytes()).await?;
-    send.write_all(payload).await?;
+    // One write for both, so that the header never travels in a packet of its own.
+    let mut chunks = [Bytes::copy_from_slice(&header.to_bytes()), Bytes::copy_from_slice(payload)];
+    send.write_all_chunks(&mut chunks).await?;
     Ok(())
 }
 

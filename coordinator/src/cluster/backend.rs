@@ -139,11 +139,12 @@ impl ExpertBackend for ClusterExperts {
                     .collect(),
             };
             let payload = batch.encode().map_err(|e| anyhow::anyhow!("encoding a batch for layer {layer}: {e}"))?;
-            let deadline = member.deadline(share.tokens.len(), self.bounds);
             let started = Instant::now();
-            let remote = link.clone();
-            let handle = self.runtime.spawn(async move { remote.round_trip(&payload, deadline).await });
-            pending.insert(node, (link, handle, started));
+            let deadline = started + member.deadline(share.tokens.len(), self.bounds);
+            // Sent from this thread (no task hand-off): the stream is written and finished now,
+            // the answer read after the local experts.
+            let sent = self.runtime.block_on(link.send_batch(&payload, deadline));
+            pending.insert(node, (link, sent, started, deadline));
         }
 
         match shares.get(&0) {
@@ -154,8 +155,8 @@ impl ExpertBackend for ClusterExperts {
         let mut scratch = vec![0.0f32; out.len()];
         for (&node, share) in shares.iter().filter(|(n, _)| **n > 0) {
             let member = &self.members[node - 1];
-            let answered = pending.remove(&node).and_then(|(link, handle, started)| {
-                let result = self.runtime.block_on(handle).map_err(anyhow::Error::from).and_then(|r| r);
+            let answered = pending.remove(&node).and_then(|(link, sent, started, deadline)| {
+                let result = sent.and_then(|sent| self.runtime.block_on(sent.reply(deadline)));
                 match result {
                     Ok((sums, bytes_out, bytes_in))
                         if sums.step == step

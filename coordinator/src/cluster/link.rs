@@ -19,11 +19,43 @@ use tokio::time::timeout;
 /// Deadline of a control-plane answer (hello, ping, need, stats).
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The slowest rate, in bytes per second, at which a worker is expected to read and hash weight
+/// blobs (its disk cache, a `--model` copy, or blobs just received): an assignment's deadlines
+/// grow by one second per this many bytes.
+const VERIFY_BYTES_PER_SEC: u64 = 20 << 20;
+
 /// Where shipped weights come from: the bytes of a blob, by its offset and length in the model
 /// file the coordinator has mapped.
 pub trait BlobSource: Sync {
     /// `len` bytes at `offset` of the model file.
     fn bytes(&self, offset: u64, len: u64) -> &[u8];
+}
+
+/// An expert batch sent to a worker, its answer not yet read.
+pub struct SentBatch {
+    recv: RecvStream,
+    addr: SocketAddr,
+    bytes_out: u64,
+}
+
+impl SentBatch {
+    /// The second half of a round trip: reads the worker's `PartialSums` (decoded and validated)
+    /// from the batch's stream. Returns them with the bytes sent and received (frame headers
+    /// included). Fails when they have not arrived by `deadline`.
+    pub async fn reply(mut self, deadline: Instant) -> anyhow::Result<(PartialSums, u64, u64)> {
+        let exchange = async {
+            let (kind, payload) = read_frame(&mut self.recv, MAX_FRAME_PAYLOAD).await?;
+            if kind != FrameKind::PartialSums {
+                bail!("expected partial sums, got a {kind:?} frame");
+            }
+            let sums = decode_partial_sums(&payload)?;
+            Ok((sums, self.bytes_out, (HEADER_LEN + payload.len()) as u64))
+        };
+        match tokio::time::timeout_at(deadline.into(), exchange).await {
+            Ok(r) => r.with_context(|| format!("worker {}", self.addr)),
+            Err(_) => bail!("worker {}: no partial sums by the batch's deadline", self.addr),
+        }
+    }
 }
 
 /// A connected, authenticated worker.
@@ -99,7 +131,11 @@ impl WorkerLink {
     pub async fn assign(&self, assignment: Assignment, source: &dyn BlobSource) -> anyhow::Result<u64> {
         let blobs: Vec<_> =
             assignment.shards.iter().flat_map(|s| [s.gate.clone(), s.up.clone(), s.down.clone()]).collect();
-        let need = match self.request(&Control::Assign(assignment), CONTROL_TIMEOUT).await? {
+        // The worker reads and hashes whatever its cache or `--model` copy holds before it
+        // answers: time proportional to the bytes assigned.
+        let assigned: u64 = blobs.iter().map(|b| b.len).sum();
+        let deadline = CONTROL_TIMEOUT + Duration::from_secs(assigned / VERIFY_BYTES_PER_SEC);
+        let need = match self.request(&Control::Assign(assignment), deadline).await? {
             Control::Need(hashes) => hashes,
             other => bail!("worker {}: expected the blobs it needs, got {other:?}", self.addr),
         };
@@ -124,7 +160,7 @@ impl WorkerLink {
             }
         }
         // Verifying and writing the cache takes time proportional to the bytes shipped.
-        let deadline = CONTROL_TIMEOUT + Duration::from_secs(shipped / (20 << 20));
+        let deadline = CONTROL_TIMEOUT + Duration::from_secs(shipped / VERIFY_BYTES_PER_SEC);
         match timeout(deadline, read_control(recv)).await {
             Ok(Ok(Control::Ready { .. })) => Ok(shipped),
             Ok(Ok(Control::Error(e))) => bail!("worker {}: {e}", self.addr),
@@ -142,24 +178,23 @@ impl WorkerLink {
         }
     }
 
-    /// One data-plane round trip on a fresh stream: sends an encoded `ExpertBatch`, returns the
-    /// worker's `PartialSums` (decoded and validated) and the bytes sent and received (frame
-    /// headers included). Fails after `deadline`.
-    pub async fn round_trip(&self, batch: &[u8], deadline: Duration) -> anyhow::Result<(PartialSums, u64, u64)> {
-        let exchange = async {
-            let (mut send, mut recv) = self.conn.open_bi().await?;
+    /// The first half of a data-plane round trip: opens a fresh stream and sends the encoded
+    /// `ExpertBatch` in one frame, the stream finished after it; [`SentBatch::reply`] is the
+    /// second half. Fails when that has not happened by `deadline` (the stream limit reached, or
+    /// flow control blocked).
+    pub async fn send_batch(&self, batch: &[u8], deadline: Instant) -> anyhow::Result<SentBatch> {
+        let send = async {
+            let (mut send, recv) = self.conn.open_bi().await?;
             write_frame(&mut send, FrameKind::ExpertBatch, batch).await?;
             send.finish()?;
-            let (kind, payload) = read_frame(&mut recv, MAX_FRAME_PAYLOAD).await?;
-            if kind != FrameKind::PartialSums {
-                bail!("expected partial sums, got a {kind:?} frame");
-            }
-            let sums = decode_partial_sums(&payload)?;
-            Ok((sums, (HEADER_LEN + batch.len()) as u64, (HEADER_LEN + payload.len()) as u64))
+            anyhow::Ok(recv)
         };
-        match timeout(deadline, exchange).await {
-            Ok(r) => r.with_context(|| format!("worker {}", self.addr)),
-            Err(_) => bail!("worker {}: no partial sums within {deadline:?}", self.addr),
+        match tokio::time::timeout_at(deadline.into(), send).await {
+            Ok(recv) => {
+                let recv = recv.with_context(|| format!("worker {}", self.addr))?;
+                Ok(SentBatch { recv, addr: self.addr, bytes_out: (HEADER_LEN + batch.len()) as u64 })
+            }
+            Err(_) => bail!("worker {}: could not send an expert batch by its deadline", self.addr),
         }
     }
 
