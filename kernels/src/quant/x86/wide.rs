@@ -25,7 +25,7 @@ unsafe fn load512(p: *const u8) -> __m512i {
 }
 
 /// `acc + dot(u, a) * scales` lane by lane (sixteen i32 lanes, four weights each): `vpmaddubsw`
-/// then `vpdpwssd` with `scales` as [`pair16`] i16 pairs; exact, as the weights are at most 63
+/// then `vpdpwssd` with `scales` as i16 pairs ([`spread_scales`]); exact, as the weights are at most 63
 /// (`2 * 63 * 128` fits an i16), and two instructions where `vpdpbusd` needs a multiply and an
 /// add more.
 ///
@@ -54,14 +54,29 @@ pub(super) unsafe fn halves8(lo: i8, hi: i8) -> __m512i {
     unsafe { _mm512_inserti64x4::<1>(_mm512_set1_epi8(lo), _mm256_set1_epi8(hi)) }
 }
 
-/// Each i32 lane's value (in i16 range) in both of its i16 halves: the multipliers of
-/// [`scaled_dot`].
+/// The index vector of [`spread_scales`] for the sub-blocks from `k0` on.
+///
+/// i16 lane `l` of the result of `vpermw(scale_index(k0, span), s)` is `s[k0 + l / span]`: with
+/// `span = 8`, four sub-blocks of 16 weights (four i32 lanes each, both i16 halves of a lane the
+/// same scale); with `span = 16`, two sub-blocks of 32 weights.
 ///
 /// # Safety
 /// AVX-512 F.
 #[inline(always)]
-unsafe fn pair16(x: __m512i) -> __m512i {
-    unsafe { _mm512_or_si512(_mm512_and_si512(x, _mm512_set1_epi32(0xFFFF)), _mm512_slli_epi32::<16>(x)) }
+unsafe fn scale_index(k0: usize, span: usize) -> __m512i {
+    let lanes: [u16; 32] = std::array::from_fn(|l| (k0 + l / span) as u16);
+    unsafe { _mm512_loadu_si512(lanes.as_ptr().cast()) }
+}
+
+/// The multipliers of [`scaled_dot`] for the 64 weights of one vector: each i32 lane's two i16
+/// halves hold the i16 scale of the lane's sub-block, `index` from [`scale_index`] choosing
+/// among the (up to 32) i16 scales of `s16`. One `vpermw`.
+///
+/// # Safety
+/// AVX-512 BW.
+#[inline(always)]
+unsafe fn spread_scales(index: __m512i, s16: __m512i) -> __m512i {
+    unsafe { _mm512_permutexvar_epi16(index, s16) }
 }
 
 /// Per-column f32 accumulators of the k-quant kernels, sixteen lanes each: per super-block
@@ -175,23 +190,21 @@ pub(super) unsafe fn q4_k<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, o
     unsafe {
         let mut total = KAcc::<C>::new();
         let low4 = _mm512_set1_epi8(0xF);
+        // Chunk j's low nibbles are sub-block 2j, its high nibbles 2j + 1.
+        let index: [__m512i; 4] = [scale_index(0, 16), scale_index(2, 16), scale_index(4, 16), scale_index(6, 16)];
         for i in 0..nb {
             let b = w.as_ptr().add(i * 144);
             let (scales, mins) = k4_scales_mins(&b.add(4).cast::<[u8; 12]>().read_unaligned());
             let mins16 = paired_mins(mins);
-            let scales = _mm512_cvtepu8_epi32(_mm_cvtsi64_si128(i64::from_le_bytes(scales)));
+            let s16 = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(i64::from_le_bytes(scales))));
             let mut acc = [_mm512_setzero_si512(); C];
-            for j in 0..4 {
+            for (j, &index) in index.iter().enumerate() {
                 let q = load(b.add(16 + 32 * j));
                 let u = _mm512_and_si512(
                     _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q), _mm256_srli_epi16::<4>(q)),
                     low4,
                 );
-                let index = _mm512_inserti64x4::<1>(
-                    _mm512_castsi256_si512(_mm256_set1_epi32(2 * j as i32)),
-                    _mm256_set1_epi32(2 * j as i32 + 1),
-                );
-                let sc = pair16(_mm512_permutexvar_epi32(index, scales));
+                let sc = spread_scales(index, s16);
                 for c in 0..C {
                     acc[c] = scaled_dot(acc[c], u, a[c].as_ptr().add(i * Q8_K_BYTES + Q8_K_QS + 64 * j), sc);
                 }
@@ -200,19 +213,6 @@ pub(super) unsafe fn q4_k<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, o
         }
         total.finish(out);
     }
-}
-
-/// Sixteen i32 lanes as [`pair16`] pairs: four each of the i8 scales `s[k0]`, `s[k0 + 1]`, `s[k0 + 2]`, `s[k0 + 3]`
-/// (the four 16-element sub-blocks a 64-weight vector covers).
-///
-/// # Safety
-/// AVX-512 F, SSSE3.
-#[inline(always)]
-unsafe fn quad_scales(s: __m128i, k0: usize) -> __m512i {
-    let k = k0 as u64;
-    let lo = k * 0x0101_0101 + (k + 1) * 0x0101_0101_0000_0000;
-    let hi = (k + 2) * 0x0101_0101 + (k + 3) * 0x0101_0101_0000_0000;
-    unsafe { pair16(_mm512_cvtepi8_epi32(_mm_shuffle_epi8(s, _mm_set_epi64x(hi as i64, lo as i64)))) }
 }
 
 /// Q6_K: per 128-weight half, the 64 bytes of `ql` give groups 0|1 (low nibbles) and 2|3
@@ -229,10 +229,13 @@ pub(super) unsafe fn q6_k<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, o
         // groups 2 | 3 take bits 4-5 | 6-7 (>> 0 | >> 2).
         let up = _mm512_inserti64x4::<1>(_mm512_set1_epi16(4), _mm256_set1_epi16(2));
         let down = _mm512_inserti64x4::<1>(_mm512_setzero_si512(), _mm256_set1_epi16(2));
+        // Vector g of a half (g = 0: groups 0|1, g = 1: groups 2|3) covers sub-blocks 8h + 4g..+4.
+        let index: [__m512i; 4] = [scale_index(0, 8), scale_index(4, 8), scale_index(8, 8), scale_index(12, 8)];
         for i in 0..nb {
             let b = w.as_ptr().add(i * 210);
             let scales = _mm_loadu_si128(b.add(192).cast());
             let s16 = _mm256_cvtepi8_epi16(scales);
+            let s16x = _mm512_castsi256_si512(s16);
             let mut acc = [_mm512_setzero_si512(); C];
             for h in 0..2 {
                 let ql = load512(b.add(64 * h));
@@ -243,7 +246,7 @@ pub(super) unsafe fn q6_k<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, o
                     _mm512_and_si512(_mm512_srli_epi16::<4>(ql), low4),
                     _mm512_and_si512(_mm512_srlv_epi16(qh, down), high2),
                 );
-                let (s01, s23) = (quad_scales(scales, 8 * h), quad_scales(scales, 8 * h + 4));
+                let (s01, s23) = (spread_scales(index[2 * h], s16x), spread_scales(index[2 * h + 1], s16x));
                 for c in 0..C {
                     let p = a[c].as_ptr().add(i * Q8_K_BYTES + Q8_K_QS + 128 * h);
                     acc[c] = scaled_dot(acc[c], g01, p, s01);
@@ -361,10 +364,13 @@ pub(super) unsafe fn q3_k<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, o
         let qs_shifts = [halves16(0, 2), halves16(4, 6)];
         // The `hmask` bit of each half's group, tested byte by byte.
         let hm_bits = [[halves8(1, 2), halves8(4, 8)], [halves8(16, 32), halves8(64, -128)]];
+        // Vector `pair` of half h covers sub-blocks 8h + 4 * pair..+4.
+        let index: [__m512i; 4] = [scale_index(0, 8), scale_index(4, 8), scale_index(8, 8), scale_index(12, 8)];
         for i in 0..nb {
             let b = w.as_ptr().add(i * 110);
             let scales = q3_k_scales(b.add(96));
             let s16 = _mm256_cvtepi8_epi16(scales);
+            let s16x = _mm512_castsi256_si512(s16);
             let hm = _mm512_broadcast_i64x4(load(b));
             let mut acc = [_mm512_setzero_si512(); C];
             for (h, hm_half) in hm_bits.iter().enumerate() {
@@ -372,7 +378,7 @@ pub(super) unsafe fn q3_k<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, o
                 for (pair, (&qs_shift, &hm_bit)) in qs_shifts.iter().zip(hm_half).enumerate() {
                     let low = _mm512_and_si512(_mm512_srlv_epi16(qs, qs_shift), low2);
                     let u = _mm512_mask_add_epi8(low, _mm512_test_epi8_mask(hm, hm_bit), low, four);
-                    let sc = quad_scales(scales, 8 * h + 4 * pair);
+                    let sc = spread_scales(index[2 * h + pair], s16x);
                     for c in 0..C {
                         let p = a[c].as_ptr().add(i * Q8_K_BYTES + Q8_K_QS + 128 * h + 64 * pair);
                         acc[c] = scaled_dot(acc[c], u, p, sc);
