@@ -16,6 +16,7 @@
 
 use std::arch::x86_64::*;
 
+use super::prefetch_ahead;
 use super::wide::{Q4_0, Q5_0, Q8_0, hsum16_f32, signed_pairs};
 
 /// Blocks per step.
@@ -170,7 +171,9 @@ pub(super) unsafe fn legacy_rows<const TYPE: u8, const C: usize>(
             let row = &w[r * nb * bytes..(r + 1) * nb * bytes];
             let mut acc = [_mm512_setzero_ps(); C];
             for s in 0..steps {
-                let (lo, hi, dw) = unpack::<TYPE>(row.as_ptr().add(s * STEP_BLOCKS * bytes));
+                let step = row.as_ptr().add(s * STEP_BLOCKS * bytes);
+                prefetch_ahead(step, STEP_BLOCKS * bytes);
+                let (lo, hi, dw) = unpack::<TYPE>(step);
                 for (c, acc) in acc.iter_mut().enumerate() {
                     let p = &prepared[c * steps + s];
                     let isum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(p.start, lo, p.lo), hi, p.hi);

@@ -13,7 +13,7 @@ use std::arch::x86_64::*;
 
 use super::super::kquants::k4_scales_mins;
 use super::kquants::{Q8_K_BSUMS, Q8_K_BYTES, Q8_K_QS, paired_mins, q3_k_scales};
-use super::{hsum_f32, load};
+use super::{hsum_f32, load, prefetch_ahead};
 
 /// Loads 64 bytes from `p`.
 ///
@@ -194,6 +194,7 @@ pub(super) unsafe fn q4_k<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, o
         let index: [__m512i; 4] = [scale_index(0, 16), scale_index(2, 16), scale_index(4, 16), scale_index(6, 16)];
         for i in 0..nb {
             let b = w.as_ptr().add(i * 144);
+            prefetch_ahead(b, 144);
             let (scales, mins) = k4_scales_mins(&b.add(4).cast::<[u8; 12]>().read_unaligned());
             let mins16 = paired_mins(mins);
             let s16 = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(i64::from_le_bytes(scales))));
@@ -233,6 +234,7 @@ pub(super) unsafe fn q6_k<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, o
         let index: [__m512i; 4] = [scale_index(0, 8), scale_index(4, 8), scale_index(8, 8), scale_index(12, 8)];
         for i in 0..nb {
             let b = w.as_ptr().add(i * 210);
+            prefetch_ahead(b, 210);
             let scales = _mm_loadu_si128(b.add(192).cast());
             let s16 = _mm256_cvtepi8_epi16(scales);
             let s16x = _mm512_castsi256_si512(s16);
@@ -368,6 +370,7 @@ pub(super) unsafe fn q3_k<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, o
         let index: [__m512i; 4] = [scale_index(0, 8), scale_index(4, 8), scale_index(8, 8), scale_index(12, 8)];
         for i in 0..nb {
             let b = w.as_ptr().add(i * 110);
+            prefetch_ahead(b, 110);
             let scales = q3_k_scales(b.add(96));
             let s16 = _mm256_cvtepi8_epi16(scales);
             let s16x = _mm512_castsi256_si512(s16);
