@@ -199,6 +199,7 @@ impl DisjointOut {
     /// # Safety
     /// No other thread reads or writes index `i` while the wrapped slice is shared, and the
     /// slice is still borrowed.
+    #[inline]
     pub(crate) unsafe fn write(&self, i: usize, value: f32) {
         assert!(i < self.len, "index {i} of {}", self.len);
         // SAFETY: in bounds (checked); exclusive per the caller's contract.
