@@ -351,10 +351,17 @@ pub struct DotKernel {
     /// The tiled kernel for batches of [`TILED_MIN_COLS`] columns or more, where the type has one.
     #[cfg(target_arch = "x86_64")]
     tiled: Option<x86::TiledKernel>,
-    /// The lanes kernel for batches of [`TILED_MIN_COLS`] columns or more, where the type has one.
+    /// The batch kernel of a 32-element type for [`TILED_MIN_COLS`] columns or more, where the
+    /// type has one (`x86::LanesKernel`).
     #[cfg(target_arch = "x86_64")]
     lanes: Option<x86::LanesKernel>,
     portable: VecDotFn,
+}
+
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    /// Each thread's output buffer of [`DotKernel::run_lanes`].
+    static LANES_OUT: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 impl DotKernel {
@@ -478,8 +485,9 @@ impl DotKernel {
         }
     }
 
-    /// Whether a product with `n_cols` columns takes [`Self::run_lanes`]: the type has a lanes
-    /// kernel (Q4_0, Q5_0 on AVX2) and there are at least [`TILED_MIN_COLS`] columns.
+    /// Whether a product with `n_cols` columns takes [`Self::run_lanes`]: the type has a batch
+    /// kernel (Q4_0, Q5_0 on AVX2; Q4_0, Q5_0, Q8_0 on AVX-512 VNNI) and there are at least
+    /// [`TILED_MIN_COLS`] columns.
     pub fn takes_lanes(&self, n_cols: usize) -> bool {
         #[cfg(target_arch = "x86_64")]
         if self.lanes.is_some() {
@@ -490,8 +498,9 @@ impl DotKernel {
     }
 
     /// `sink(r, c, dot(row r, a[c]))` for the rows of `w` (whole weight rows back to back) and
-    /// every column of `a`, eight weight rows at a time in the lanes of a vector: the portable
-    /// kernel's values, bit for bit (within 1e-5 of sum |w_i a_i| of what [`Self::run`] gives).
+    /// every column of `a`, eight weight rows at a time in the lanes of a vector (AVX2) or
+    /// sixteen columns (AVX-512 VNNI): the portable kernel's values, bit for bit (within 1e-5 of
+    /// sum |w_i a_i| of what [`Self::run`] gives).
     /// Panics unless this kernel [`Self::takes_lanes`], `w` is a whole number of rows and every
     /// `a[c]` has the activation row's bytes.
     pub fn run_lanes(&self, w: &[u8], a: &[&[u8]], mut sink: impl FnMut(usize, usize, f32)) {
@@ -501,9 +510,21 @@ impl DotKernel {
         #[cfg(target_arch = "x86_64")]
         {
             let kernel = self.lanes.unwrap_or_else(|| panic!("{ty} has no lanes kernel here"));
-            // SAFETY: whole rows of `n / 32` blocks and columns of as many Q8_0 blocks (checked
-            // above); CPU support checked in `new`.
-            unsafe { kernel(w, w.len() / self.w_bytes, self.n / ty.block_size(), a, &mut sink) }
+            let n_rows = w.len() / self.w_bytes;
+            // Taken out of the thread-local (and put back): one buffer per thread, as the
+            // allocator is shared by all threads.
+            let mut out = LANES_OUT.take();
+            out.clear();
+            out.resize(n_rows * a.len(), 0.0);
+            // SAFETY: whole rows of `n / 32` blocks, columns of as many Q8_0 blocks (checked
+            // above) and `out` of `n_rows * a.len()` values; CPU support checked in `new`.
+            unsafe { kernel(w, n_rows, self.n / ty.block_size(), a, &mut out) }
+            for (r, values) in out.chunks_exact(a.len()).enumerate() {
+                for (c, &v) in values.iter().enumerate() {
+                    sink(r, c, v);
+                }
+            }
+            LANES_OUT.set(out);
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -777,23 +798,27 @@ mod tests {
         }
     }
 
-    /// The lanes kernels equal the portable kernel bit for bit (same exact integer sums, same f32
-    /// operations per block) and the AVX2 column kernels within 1e-5 of sum |w_i a_i|, for every
-    /// row of calls of 1 to 33 rows (a last band padded) and 12 to 40 columns, rows of 7 to 72
-    /// blocks.
+    /// The batch kernels (AVX2 lanes, AVX-512 VNNI tiles) equal the portable kernel bit for bit
+    /// (same exact integer sums, same f32 operations per block) and the same ISA's column kernels
+    /// within 1e-5 of sum |w_i a_i|, for every row of calls of 1 to 33 rows (a partial last
+    /// band) and 12 to 40 columns (a partial last tile), rows of 7 to 72 blocks.
     #[test]
     fn lanes_equal_portable_bit_for_bit() {
-        if !Isa::Avx2.supported() {
-            return;
-        }
         let mut rng = ChaCha8Rng::seed_from_u64(59);
-        for ty in [GgmlType::Q4_0, GgmlType::Q5_0] {
+        let cases = [
+            (Isa::Avx2, GgmlType::Q4_0),
+            (Isa::Avx2, GgmlType::Q5_0),
+            (Isa::Avx512Vnni, GgmlType::Q4_0),
+            (Isa::Avx512Vnni, GgmlType::Q5_0),
+            (Isa::Avx512Vnni, GgmlType::Q8_0),
+        ];
+        for (isa, ty) in cases.into_iter().filter(|(isa, _)| isa.supported()) {
             for (n, n_rows, n_cols) in [(32 * 7, 1, 12), (896, 33, 40), (2304, 8, 13), (32 * 9, 17, 16)] {
                 let row_bytes = ty.row_bytes(n).unwrap();
                 let w: Vec<u8> = (0..n_rows).flat_map(|_| random_row(ty, n, &mut rng)).collect();
                 let cols = random_activation_rows(VecDotType::Q8_0, n, n_cols, &mut rng);
                 let a: Vec<&[u8]> = cols.iter().map(Vec::as_slice).collect();
-                let kernel = DotKernel::new(Isa::Avx2, ty, n);
+                let kernel = DotKernel::new(isa, ty, n);
                 assert!(kernel.takes_lanes(n_cols) && !kernel.takes_lanes(TILED_MIN_COLS - 1));
                 let mut got = vec![f32::NAN; n_rows * n_cols];
                 kernel.run_lanes(&w, &a, |r, c, v| got[r * n_cols + c] = v);
@@ -801,7 +826,11 @@ mod tests {
                     let (r, c) = (i / n_cols, i % n_cols);
                     let row = &w[r * row_bytes..][..row_bytes];
                     let portable = (ty.vec_dot_fn())(row, a[c], n);
-                    assert_eq!(v.to_bits(), portable.to_bits(), "{ty} lanes n={n} row {r} col {c}: {v} vs {portable}");
+                    assert_eq!(
+                        v.to_bits(),
+                        portable.to_bits(),
+                        "{isa:?} {ty} n={n} row {r} col {c}: {v} vs {portable}"
+                    );
                     let mut column = [0.0f32];
                     kernel.run(row, &a[c..c + 1], &mut column);
                     let (mut wf, af) = (vec![0.0; n], dequantize_activations(VecDotType::Q8_0, a[c], n));

@@ -83,7 +83,7 @@ unsafe fn signed_weights<const TYPE: u8>(b: *const u8) -> __m256i {
 /// # Safety
 /// AVX2.
 #[inline(always)]
-unsafe fn transpose8(v: [__m256i; 8]) -> [__m256i; 8] {
+pub(super) unsafe fn transpose8(v: [__m256i; 8]) -> [__m256i; 8] {
     unsafe {
         let t = [
             _mm256_unpacklo_epi32(v[0], v[1]),
@@ -219,20 +219,14 @@ unsafe fn band_columns<const TYPE: u8, const N: usize>(
     }
 }
 
-/// `sink(r, c, dot(row r, a[c]))` for the `n_rows` rows of `nb` blocks of `TYPE` in `w` and every
-/// column of `a` (Q8_0 rows of `nb` blocks).
+/// `out[r * a.len() + c] = dot(row r, a[c])` for the `n_rows` rows of `nb` blocks of `TYPE` in
+/// `w` and every column of `a` (Q8_0 rows of `nb` blocks).
 ///
 /// # Safety
 /// `w` holds `n_rows` rows of `nb` blocks of `TYPE`, every `a[c]` `nb` Q8_0 blocks; AVX2, FMA,
 /// F16C.
 #[inline(always)]
-pub(super) unsafe fn legacy_lanes<const TYPE: u8>(
-    w: &[u8],
-    n_rows: usize,
-    nb: usize,
-    a: &[&[u8]],
-    sink: &mut dyn FnMut(usize, usize, f32),
-) {
+pub(super) unsafe fn legacy_lanes<const TYPE: u8>(w: &[u8], n_rows: usize, nb: usize, a: &[&[u8]], out: &mut [f32]) {
     // Taken out of the thread-local rather than borrowed in a closure: a closure would not
     // inherit the caller's target features, and the intrinsics would not inline.
     let (mut cols, mut band) = BUFFERS.take();
@@ -257,7 +251,7 @@ pub(super) unsafe fn legacy_lanes<const TYPE: u8>(
                 let mut values = [0.0f32; BAND_ROWS];
                 _mm256_storeu_ps(values.as_mut_ptr(), v);
                 for (r, &v) in values.iter().enumerate().take(n) {
-                    sink(row0 + r, c, v);
+                    out[(row0 + r) * a.len() + c] = v;
                 }
             };
             for c0 in (0..a.len() - a.len() % 2).step_by(2) {

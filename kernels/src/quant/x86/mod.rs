@@ -17,19 +17,23 @@
 //! saturation is never reached (at most 2 x 128 x 127 = 32512). Batches of
 //! [`super::TILED_MIN_COLS`] columns or more of Q3_K, Q4_K and Q6_K take the tiled kernels
 //! (`tiled.rs`: rows unpacked once per call, sixteen columns in the lanes of a vector), through
-//! [`run_tiled`] rather than [`RawKernel`].
+//! [`run_tiled`] rather than [`RawKernel`]; such batches of Q4_0, Q5_0 and Q8_0 take
+//! [`LanesKernel`]s: on AVX-512 VNNI `tiled_legacy.rs` (sixteen columns in the lanes, as
+//! `tiled.rs`), on AVX2 `lanes.rs` (eight weight rows in the lanes; Q4_0 and Q5_0).
 //!
 //! Exactness: integer sums are exact everywhere; only the f32 summation order differs from the
 //! portable kernels. The column kernels accumulate scaled blocks in f32 lanes and sum across
 //! lanes once per row (like ggml's AVX2 kernels). Whatever the column kernel, a column's
-//! operations never depend on the column count. The tiled kernels apply the portable kernels' f32
-//! operations, so they are bit-identical to them (and differ from `wide.rs` in rounding).
+//! operations never depend on the column count. The tiled and lanes kernels apply the portable
+//! kernels' f32 operations, so they are bit-identical to them (and differ from the column
+//! kernels in rounding).
 
 mod kquants;
 mod lanes;
 mod legacy;
 mod rows;
 pub(crate) mod tiled;
+mod tiled_legacy;
 mod wide;
 
 use std::arch::x86_64::*;
@@ -288,23 +292,51 @@ mod rows_entry {
     rows_entry!(q8_0, Q8_0);
 }
 
-/// A GEMM kernel with weight rows in the vector lanes (`lanes.rs`): `sink(r, c, dot(row r,
-/// a[c]))` for the `n_rows` rows of `w` (whole rows of `n_blocks` blocks, back to back) and every
-/// column of `a` (Q8_0 rows of `n_blocks` blocks).
+/// A GEMM kernel of a 32-element type for batches of columns, bit-identical to the portable
+/// kernel: weight rows in the vector lanes on AVX2 (`lanes.rs`), activation columns in the
+/// lanes on AVX-512 VNNI (`tiled_legacy.rs`). `out[r * a.len() + c] = dot(row r, a[c])` for the
+/// `n_rows` rows of `w` (whole rows of `n_blocks` blocks, back to back) and every column of `a`
+/// (Q8_0 rows of `n_blocks` blocks).
 ///
 /// # Safety
-/// The lengths as stated, and the CPU supports AVX2, FMA and F16C.
-pub(super) type LanesKernel =
-    unsafe fn(w: &[u8], n_rows: usize, n_blocks: usize, a: &[&[u8]], sink: &mut dyn FnMut(usize, usize, f32));
+/// The lengths as stated, `out` `n_rows * a.len()` values, and the CPU supports the kernel's
+/// instruction set.
+pub(super) type LanesKernel = unsafe fn(w: &[u8], n_rows: usize, n_blocks: usize, a: &[&[u8]], out: &mut [f32]);
 
-/// The lanes kernel for weights of type `ty` on `isa`, where there is one (Q4_0, Q5_0 on AVX2;
-/// AVX-512 VNNI has its several-rows kernels).
+/// The batch kernel for weights of type `ty` on `isa`, where there is one: Q4_0, Q5_0 on AVX2;
+/// Q4_0, Q5_0, Q8_0 on AVX-512 VNNI.
 pub(super) fn lanes_kernel(ty: GgmlType, isa: X86Isa) -> Option<LanesKernel> {
     match (isa, ty) {
         (X86Isa::Avx2, GgmlType::Q4_0) => Some(lanes_entry::q4_0),
         (X86Isa::Avx2, GgmlType::Q5_0) => Some(lanes_entry::q5_0),
+        (X86Isa::Avx512Vnni, GgmlType::Q4_0) => Some(tiled_legacy_entry::q4_0),
+        (X86Isa::Avx512Vnni, GgmlType::Q5_0) => Some(tiled_legacy_entry::q5_0),
+        (X86Isa::Avx512Vnni, GgmlType::Q8_0) => Some(tiled_legacy_entry::q8_0),
         _ => None,
     }
+}
+
+/// The compiled AVX-512 VNNI [`LanesKernel`]s.
+mod tiled_legacy_entry {
+    use super::tiled_legacy::legacy_tiled;
+    use super::wide::{Q4_0, Q5_0, Q8_0};
+
+    macro_rules! tiled_legacy_entry {
+        ($name:ident, $ty:ident) => {
+            /// AVX-512 VNNI build of [`legacy_tiled`] for this type.
+            ///
+            /// # Safety
+            /// See [`super::LanesKernel`].
+            #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+            pub(super) unsafe fn $name(w: &[u8], n_rows: usize, nb: usize, a: &[&[u8]], out: &mut [f32]) {
+                unsafe { legacy_tiled::<$ty>(w, n_rows, nb, a, out) }
+            }
+        };
+    }
+
+    tiled_legacy_entry!(q4_0, Q4_0);
+    tiled_legacy_entry!(q5_0, Q5_0);
+    tiled_legacy_entry!(q8_0, Q8_0);
 }
 
 /// The compiled [`LanesKernel`]s.
@@ -317,14 +349,8 @@ mod lanes_entry {
     /// # Safety
     /// See [`super::LanesKernel`].
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn q4_0(
-        w: &[u8],
-        n_rows: usize,
-        nb: usize,
-        a: &[&[u8]],
-        sink: &mut dyn FnMut(usize, usize, f32),
-    ) {
-        unsafe { legacy_lanes::<Q4_0>(w, n_rows, nb, a, sink) }
+    pub(super) unsafe fn q4_0(w: &[u8], n_rows: usize, nb: usize, a: &[&[u8]], out: &mut [f32]) {
+        unsafe { legacy_lanes::<Q4_0>(w, n_rows, nb, a, out) }
     }
 
     /// AVX2 build of [`legacy_lanes`] for Q5_0.
@@ -332,14 +358,8 @@ mod lanes_entry {
     /// # Safety
     /// See [`super::LanesKernel`].
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn q5_0(
-        w: &[u8],
-        n_rows: usize,
-        nb: usize,
-        a: &[&[u8]],
-        sink: &mut dyn FnMut(usize, usize, f32),
-    ) {
-        unsafe { legacy_lanes::<Q5_0>(w, n_rows, nb, a, sink) }
+    pub(super) unsafe fn q5_0(w: &[u8], n_rows: usize, nb: usize, a: &[&[u8]], out: &mut [f32]) {
+        unsafe { legacy_lanes::<Q5_0>(w, n_rows, nb, a, out) }
     }
 }
 
