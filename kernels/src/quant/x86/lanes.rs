@@ -23,13 +23,12 @@
 use std::arch::x86_64::*;
 use std::cell::Cell;
 
-use super::wide::{Q4_0, Q5_0};
-use super::{Avx2, Dot, load};
+use super::legacy::{Q8_0_BYTES, signed_weights};
+use super::wide::{Q4_0, legacy_block_bytes};
+use super::{Avx2, load};
 
 /// Weight rows per band: the eight 32-bit lanes of a vector.
 pub(super) const BAND_ROWS: usize = 8;
-/// Bytes of a Q8_0 activation block: f16 scale, 32 quants.
-const Q8_0_BYTES: usize = 34;
 
 /// The columns of a call, prepared once: per column and block the 32 activation quants plus 128
 /// (as u8) and the block's scale.
@@ -54,28 +53,6 @@ struct Band {
 
 thread_local! {
     static BUFFERS: Cell<(Prepared, Band)> = Cell::new(Default::default());
-}
-
-/// Bytes of a weight block of the type.
-const fn block_bytes(ty: u8) -> usize {
-    if ty == Q4_0 { 18 } else { 22 }
-}
-
-/// The 32 signed weights of the `TYPE` block at `b`, in element order.
-///
-/// # Safety
-/// A block of `TYPE` readable at `b`; AVX2.
-#[inline(always)]
-unsafe fn signed_weights<const TYPE: u8>(b: *const u8) -> __m256i {
-    unsafe {
-        let qs = _mm_loadu_si128(b.add(if TYPE == Q5_0 { 6 } else { 2 }).cast());
-        let nibbles = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(qs), qs), _mm256_set1_epi8(0xF));
-        if TYPE == Q4_0 {
-            return _mm256_sub_epi8(nibbles, _mm256_set1_epi8(8));
-        }
-        let high = Avx2::bits_to_bytes(b.add(2).cast::<u32>().read_unaligned(), 0x10);
-        _mm256_sub_epi8(_mm256_or_si256(nibbles, high), _mm256_set1_epi8(16))
-    }
 }
 
 /// The 8x8 transpose of 32-bit elements: lane `r` of result `g` is element `g` of `v[r]`.
@@ -126,7 +103,7 @@ pub(super) unsafe fn transpose8(v: [__m256i; 8]) -> [__m256i; 8] {
 /// `w` holds the rows; AVX2, F16C.
 #[inline(always)]
 unsafe fn transpose_band<const TYPE: u8>(w: &[u8], row0: usize, n: usize, nb: usize, band: &mut Band) {
-    let bytes = block_bytes(TYPE);
+    let bytes = legacy_block_bytes(TYPE);
     band.codes.clear();
     band.offsets.clear();
     band.d.clear();
@@ -137,7 +114,7 @@ unsafe fn transpose_band<const TYPE: u8>(w: &[u8], row0: usize, n: usize, nb: us
             let mut d = [0u16; BAND_ROWS];
             for (r, (row, d)) in rows.iter_mut().zip(&mut d).enumerate().take(n) {
                 let b = w.as_ptr().add(((row0 + r) * nb + k) * bytes);
-                *row = signed_weights::<TYPE>(b);
+                *row = signed_weights::<Avx2, TYPE>(b);
                 *d = b.cast::<u16>().read_unaligned();
             }
             let codes = transpose8(rows);

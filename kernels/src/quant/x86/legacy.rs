@@ -9,11 +9,11 @@
 
 use std::arch::x86_64::*;
 
-use super::wide::{Q4_0, Q5_0, Q8_0};
+use super::wide::{Q4_0, Q5_0, Q8_0, legacy_block_bytes, offset_shift};
 use super::{Dot, f16_at, f16_splat, hsum_f32, load, prefetch_ahead};
 
 /// Bytes of a `block_q8_0` (`d` at 0, quants at 2) and a `block_q8_1` (`d`, `s`, quants at 4).
-const Q8_0_BYTES: usize = 34;
+pub(super) const Q8_0_BYTES: usize = 34;
 const Q8_1_BYTES: usize = 36;
 
 /// The 32 nibbles of the 16 bytes at `p` in element order (low nibbles, then high nibbles).
@@ -54,18 +54,33 @@ unsafe fn signed_block<D: Dot>(p: *const u8, q: __m256i, dw: __m256) -> (__m256,
     }
 }
 
+/// The 32 quants of the `TYPE` block at `b` (a `wide` type tag) made non-negative, `w + m`
+/// ([`offset_shift`]): Q4_0 and Q5_0 as coded, Q8_0 with its sign bit flipped.
+///
+/// # Safety
+/// A block of `TYPE` readable at `b`; the CPU supports `D`.
+#[inline(always)]
+pub(super) unsafe fn unsigned_weights<D: Dot, const TYPE: u8>(b: *const u8) -> __m256i {
+    unsafe {
+        match TYPE {
+            Q4_0 => nibbles(b.add(2)),
+            Q5_0 => five_bit::<D>(b.add(2), b.add(6)),
+            _ => _mm256_xor_si256(load(b.add(2)), _mm256_set1_epi8(i8::MIN)),
+        }
+    }
+}
+
 /// The 32 signed quants of the `TYPE` block at `b` (a `wide` type tag): Q4_0 `q - 8`, Q5_0
 /// `q - 16`, Q8_0 as stored.
 ///
 /// # Safety
 /// A block of `TYPE` readable at `b`; the CPU supports `D`.
 #[inline(always)]
-unsafe fn signed_weights<D: Dot, const TYPE: u8>(b: *const u8) -> __m256i {
+pub(super) unsafe fn signed_weights<D: Dot, const TYPE: u8>(b: *const u8) -> __m256i {
     unsafe {
         match TYPE {
-            Q4_0 => _mm256_sub_epi8(nibbles(b.add(2)), _mm256_set1_epi8(8)),
-            Q5_0 => _mm256_sub_epi8(five_bit::<D>(b.add(2), b.add(6)), _mm256_set1_epi8(16)),
-            _ => load(b.add(2)),
+            Q8_0 => load(b.add(2)),
+            _ => _mm256_sub_epi8(unsigned_weights::<D, TYPE>(b), _mm256_set1_epi8(1 << offset_shift(TYPE))),
         }
     }
 }
@@ -77,11 +92,7 @@ unsafe fn signed_weights<D: Dot, const TYPE: u8>(b: *const u8) -> __m256i {
 /// See `RawKernel` in the parent module.
 #[inline(always)]
 unsafe fn signed_q8_0<D: Dot, const TYPE: u8, const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, out: &mut [f32; C]) {
-    let block_bytes = match TYPE {
-        Q4_0 => 18,
-        Q5_0 => 22,
-        _ => 34,
-    };
+    let block_bytes = legacy_block_bytes(TYPE);
     unsafe {
         let mut acc = [_mm256_setzero_ps(); C];
         // Two blocks per step, added to the accumulator as one fused pair: one dependent add

@@ -309,58 +309,37 @@ pub(super) fn lanes_kernel(ty: GgmlType, isa: X86Isa) -> Option<LanesKernel> {
     match (isa, ty) {
         (X86Isa::Avx2, GgmlType::Q4_0) => Some(lanes_entry::q4_0),
         (X86Isa::Avx2, GgmlType::Q5_0) => Some(lanes_entry::q5_0),
-        (X86Isa::Avx512Vnni, GgmlType::Q4_0) => Some(tiled_legacy_entry::q4_0),
-        (X86Isa::Avx512Vnni, GgmlType::Q5_0) => Some(tiled_legacy_entry::q5_0),
-        (X86Isa::Avx512Vnni, GgmlType::Q8_0) => Some(tiled_legacy_entry::q8_0),
+        (X86Isa::Avx512Vnni, GgmlType::Q4_0) => Some(lanes_entry::q4_0_vnni),
+        (X86Isa::Avx512Vnni, GgmlType::Q5_0) => Some(lanes_entry::q5_0_vnni),
+        (X86Isa::Avx512Vnni, GgmlType::Q8_0) => Some(lanes_entry::q8_0_vnni),
         _ => None,
     }
 }
 
-/// The compiled AVX-512 VNNI [`LanesKernel`]s.
-mod tiled_legacy_entry {
+/// The compiled [`LanesKernel`]s: `lanes.rs` for AVX2, `tiled_legacy.rs` for AVX-512 VNNI.
+mod lanes_entry {
+    use super::lanes::legacy_lanes;
     use super::tiled_legacy::legacy_tiled;
     use super::wide::{Q4_0, Q5_0, Q8_0};
 
-    macro_rules! tiled_legacy_entry {
-        ($name:ident, $ty:ident) => {
-            /// AVX-512 VNNI build of [`legacy_tiled`] for this type.
+    macro_rules! lanes_entry {
+        ($name:ident, $kernel:ident, $ty:ident, $features:literal) => {
+            #[doc = concat!("`", stringify!($kernel), "` for ", stringify!($ty), ", built with ", $features, ".")]
             ///
             /// # Safety
             /// See [`super::LanesKernel`].
-            #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+            #[target_feature(enable = $features)]
             pub(super) unsafe fn $name(w: &[u8], n_rows: usize, nb: usize, a: &[&[u8]], out: &mut [f32]) {
-                unsafe { legacy_tiled::<$ty>(w, n_rows, nb, a, out) }
+                unsafe { $kernel::<$ty>(w, n_rows, nb, a, out) }
             }
         };
     }
 
-    tiled_legacy_entry!(q4_0, Q4_0);
-    tiled_legacy_entry!(q5_0, Q5_0);
-    tiled_legacy_entry!(q8_0, Q8_0);
-}
-
-/// The compiled [`LanesKernel`]s.
-mod lanes_entry {
-    use super::lanes::legacy_lanes;
-    use super::wide::{Q4_0, Q5_0};
-
-    /// AVX2 build of [`legacy_lanes`] for Q4_0.
-    ///
-    /// # Safety
-    /// See [`super::LanesKernel`].
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn q4_0(w: &[u8], n_rows: usize, nb: usize, a: &[&[u8]], out: &mut [f32]) {
-        unsafe { legacy_lanes::<Q4_0>(w, n_rows, nb, a, out) }
-    }
-
-    /// AVX2 build of [`legacy_lanes`] for Q5_0.
-    ///
-    /// # Safety
-    /// See [`super::LanesKernel`].
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn q5_0(w: &[u8], n_rows: usize, nb: usize, a: &[&[u8]], out: &mut [f32]) {
-        unsafe { legacy_lanes::<Q5_0>(w, n_rows, nb, a, out) }
-    }
+    lanes_entry!(q4_0, legacy_lanes, Q4_0, "avx2,fma,f16c");
+    lanes_entry!(q5_0, legacy_lanes, Q5_0, "avx2,fma,f16c");
+    lanes_entry!(q4_0_vnni, legacy_tiled, Q4_0, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni");
+    lanes_entry!(q5_0_vnni, legacy_tiled, Q5_0, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni");
+    lanes_entry!(q8_0_vnni, legacy_tiled, Q8_0, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni");
 }
 
 /// The tiled kernel of a k-quant type (`tiled.rs`): how its rows unpack, and one tile of

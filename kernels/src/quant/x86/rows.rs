@@ -17,7 +17,7 @@
 use std::arch::x86_64::*;
 
 use super::prefetch_ahead;
-use super::wide::{Q4_0, Q5_0, Q8_0, hsum16_f32, signed_pairs};
+use super::wide::{Q5_0, Q8_0, hsum16_f32, legacy_block_bytes, offset_shift, signed_pairs};
 
 /// Blocks per step.
 const STEP_BLOCKS: usize = 4;
@@ -67,24 +67,6 @@ unsafe fn scales4(p: *const u8, stride: usize) -> __m512 {
     }
 }
 
-/// `log2(m)` of the weight type: the unsigned weights are `w + m`.
-const fn offset_shift(ty: u8) -> u32 {
-    match ty {
-        Q4_0 => 3,
-        Q5_0 => 4,
-        _ => 7,
-    }
-}
-
-/// Bytes of a weight block of the type.
-const fn block_bytes(ty: u8) -> usize {
-    match ty {
-        Q4_0 => 18,
-        Q5_0 => 22,
-        _ => 34,
-    }
-}
-
 /// The step of Q8_0 activation blocks at `p`, prepared for weights of type `TYPE`.
 ///
 /// # Safety
@@ -109,7 +91,7 @@ unsafe fn prepare<const TYPE: u8>(p: *const u8) -> Prepared {
 /// Four blocks of `TYPE` readable at `b`; AVX-512 F/BW, F16C.
 #[inline(always)]
 unsafe fn unpack<const TYPE: u8>(b: *const u8) -> (__m512i, __m512i, __m512) {
-    let bytes = block_bytes(TYPE);
+    let bytes = legacy_block_bytes(TYPE);
     unsafe {
         let d = scales4(b, bytes);
         if TYPE == Q8_0 {
@@ -153,7 +135,7 @@ pub(super) unsafe fn legacy_rows<const TYPE: u8, const C: usize>(
     nb: usize,
     out: &mut [f32],
 ) {
-    let bytes = block_bytes(TYPE);
+    let bytes = legacy_block_bytes(TYPE);
     let steps = nb / STEP_BLOCKS;
     let whole = steps * STEP_BLOCKS;
     // Taken out of the thread-local rather than borrowed in a closure: a closure would not

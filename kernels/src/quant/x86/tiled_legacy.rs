@@ -21,8 +21,9 @@ use std::arch::x86_64::*;
 use std::cell::Cell;
 
 use super::lanes::transpose8;
-use super::wide::{Q4_0, Q5_0, Q8_0};
-use super::{Avx2, Dot, f16_at, load};
+use super::legacy::{Q8_0_BYTES, unsigned_weights};
+use super::wide::{Q4_0, Q5_0, legacy_block_bytes, offset_shift};
+use super::{Vnni, f16_at, load};
 
 /// Activation columns per tile: the sixteen 32-bit lanes of a vector.
 const TILE_COLS: usize = 16;
@@ -30,8 +31,6 @@ const TILE_COLS: usize = 16;
 const BAND_ROWS: usize = 8;
 /// Four-element groups of a 32-element block.
 const GROUPS: usize = 8;
-/// Bytes of a Q8_0 activation block: f16 scale, 32 quants.
-const Q8_0_BYTES: usize = 34;
 
 /// A call's activation columns in the tiled layout; a last partial tile is padded with zero
 /// columns.
@@ -57,24 +56,6 @@ struct Rows {
 
 thread_local! {
     static BUFFERS: Cell<(Columns, Rows)> = Cell::new(Default::default());
-}
-
-/// Bytes of a weight block of the type.
-const fn block_bytes(ty: u8) -> usize {
-    match ty {
-        Q4_0 => 18,
-        Q5_0 => 22,
-        _ => 34,
-    }
-}
-
-/// `log2(m)`: the weights enter `vpdpbusd` as `w + m`.
-const fn offset_shift(ty: u8) -> i32 {
-    match ty {
-        Q4_0 => 3,
-        Q5_0 => 4,
-        _ => 7,
-    }
 }
 
 /// Lays out the columns `a` (Q8_0 rows of `nb` blocks) into `cols`, for weights of `TYPE`.
@@ -105,7 +86,7 @@ unsafe fn lay_out_columns<const TYPE: u8>(a: &[&[u8]], nb: usize, cols: &mut Col
                     sums = _mm512_dpbusd_epi32(sums, ones, v);
                     cols.codes.push(v);
                 }
-                let offset = _mm512_sllv_epi32(sums, _mm512_set1_epi32(offset_shift(TYPE)));
+                let offset = _mm512_sllv_epi32(sums, _mm512_set1_epi32(offset_shift(TYPE) as i32));
                 cols.starts.push(_mm512_sub_epi32(_mm512_setzero_si512(), offset));
                 cols.d.push(_mm512_cvtph_ps(_mm256_loadu_si256(d.as_ptr().cast())));
             }
@@ -119,26 +100,14 @@ unsafe fn lay_out_columns<const TYPE: u8>(a: &[&[u8]], nb: usize, cols: &mut Col
 /// `w` holds the rows; AVX2, F16C.
 #[inline(always)]
 unsafe fn unpack_rows<const TYPE: u8>(w: &[u8], n_rows: usize, nb: usize, rows: &mut Rows) {
-    let bytes = block_bytes(TYPE);
+    let bytes = legacy_block_bytes(TYPE);
     rows.codes.clear();
     rows.d.clear();
     rows.codes.resize(n_rows * nb * GROUPS, 0);
     unsafe {
-        let low4 = _mm256_set1_epi8(0xF);
         for k in 0..n_rows * nb {
             let b = w.as_ptr().add(k * bytes);
-            let u = if TYPE == Q8_0 {
-                _mm256_xor_si256(load(b.add(2)), _mm256_set1_epi8(i8::MIN))
-            } else {
-                let qs = _mm_loadu_si128(b.add(if TYPE == Q5_0 { 6 } else { 2 }).cast());
-                let nibbles = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(qs), qs), low4);
-                match TYPE {
-                    Q5_0 => {
-                        _mm256_or_si256(nibbles, Avx2::bits_to_bytes(b.add(2).cast::<u32>().read_unaligned(), 0x10))
-                    }
-                    _ => nibbles,
-                }
-            };
+            let u = unsigned_weights::<Vnni, TYPE>(b);
             _mm256_storeu_si256(rows.codes.as_mut_ptr().add(k * GROUPS).cast(), u);
             rows.d.push(f16_at(b));
         }

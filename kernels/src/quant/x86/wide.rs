@@ -281,6 +281,24 @@ pub(super) const Q5_0: u8 = 1;
 /// [`signed_pairs`] on Q8_0 blocks: `d`, 32 signed quants.
 pub(super) const Q8_0: u8 = 2;
 
+/// Bytes of a block of the 32-element type `ty` (one of the tags above).
+pub(super) const fn legacy_block_bytes(ty: u8) -> usize {
+    match ty {
+        Q4_0 => 18,
+        Q5_0 => 22,
+        _ => 34,
+    }
+}
+
+/// `log2(m)` of the 32-element type `ty`: its weights made non-negative are `w + m`.
+pub(super) const fn offset_shift(ty: u8) -> u32 {
+    match ty {
+        Q4_0 => 3,
+        Q5_0 => 4,
+        _ => 7,
+    }
+}
+
 /// Q4_0, Q5_0 or Q8_0 weights (`TYPE`) with Q8_0 activations, two blocks per step (the last one
 /// alone when `nb` is odd, its upper half zero). `w` enters `vpdpbusd` as `|w|`, the activations
 /// negated where `w < 0`.
