@@ -24,7 +24,7 @@ use rayon::prelude::*;
 
 #[cfg(doc)]
 use crate::quant::TILED_MIN_COLS;
-use crate::quant::{DotKernel, GgmlType, Isa, MAX_COLS, TILED_MAX_ROWS, TiledColumns, VecDotType};
+use crate::quant::{DotKernel, GgmlType, Isa, LaneColumns, MAX_COLS, TILED_MAX_ROWS, TiledColumns, VecDotType};
 
 /// Weight rows per work item are a multiple of this (a band of the tiled kernel).
 const ROW_ALIGN: usize = 8;
@@ -127,6 +127,7 @@ pub(crate) struct Columns<'a> {
     rows: Vec<&'a [u8]>,
     kernel: DotKernel,
     tiled: Option<TiledColumns>,
+    lanes: Option<LaneColumns>,
 }
 
 impl<'a> Columns<'a> {
@@ -134,7 +135,8 @@ impl<'a> Columns<'a> {
     pub(crate) fn new(w: &QMatrix, rows: Vec<&'a [u8]>) -> Self {
         let kernel = DotKernel::new(Isa::active(), w.ty, w.cols);
         let tiled = kernel.tiled_columns(&rows);
-        Columns { rows, kernel, tiled }
+        let lanes = kernel.lane_columns(&rows);
+        Columns { rows, kernel, tiled, lanes }
     }
 }
 
@@ -146,8 +148,8 @@ impl<'a> Columns<'a> {
 pub(crate) fn dot_rows(w: &QMatrix, x: &Columns, rows: Range<usize>, mut sink: impl FnMut(usize, usize, f32)) {
     let kernel = &x.kernel;
     let rb = w.row_bytes();
-    if kernel.takes_lanes(x.rows.len()) {
-        kernel.run_lanes(&w.data[rows.start * rb..rows.end * rb], &x.rows, |r, t, v| sink(rows.start + r, t, v));
+    if let Some(lanes) = &x.lanes {
+        kernel.run_lanes(&w.data[rows.start * rb..rows.end * rb], lanes, |r, t, v| sink(rows.start + r, t, v));
         return;
     }
     let mut first = 0;

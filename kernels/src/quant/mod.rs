@@ -318,6 +318,13 @@ pub struct TiledColumns(
     #[cfg(not(target_arch = "x86_64"))] std::convert::Infallible,
 );
 
+/// Q8_0 activation rows prepared for a batch kernel ([`DotKernel::lane_columns`]).
+pub struct LaneColumns {
+    n_cols: usize,
+    #[cfg(target_arch = "x86_64")]
+    prepared: x86::LaneColumns,
+}
+
 impl TiledColumns {
     /// The leading activation rows laid out (the product's first `n_cols()` columns).
     pub fn n_cols(&self) -> usize {
@@ -497,29 +504,42 @@ impl DotKernel {
         false
     }
 
-    /// `sink(r, c, dot(row r, a[c]))` for the rows of `w` (whole weight rows back to back) and
-    /// every column of `a`, eight weight rows at a time in the lanes of a vector (AVX2) or
+    /// The columns `a` prepared once for [`Self::run_lanes`], where the product
+    /// [`Self::takes_lanes`]; `None` otherwise. Panics when a row of `a` has another length.
+    pub fn lane_columns(&self, a: &[&[u8]]) -> Option<LaneColumns> {
+        self.check_columns(a);
+        #[cfg(target_arch = "x86_64")]
+        if let Some(kernel) = self.lanes.filter(|_| self.takes_lanes(a.len())) {
+            // SAFETY: columns of `n / 32` Q8_0 blocks (checked above); CPU support checked in
+            // `new`.
+            let prepared = unsafe { (kernel.prepare)(a, self.n / self.ty.block_size()) };
+            return Some(LaneColumns { n_cols: a.len(), prepared });
+        }
+        None
+    }
+
+    /// `sink(r, c, dot(row r, column c))` for the rows of `w` (whole weight rows back to back)
+    /// and every column of `cols`, eight weight rows at a time in the lanes of a vector (AVX2) or
     /// sixteen columns (AVX-512 VNNI): the portable kernel's values, bit for bit (within 1e-5 of
-    /// sum |w_i a_i| of what [`Self::run`] gives).
-    /// Panics unless this kernel [`Self::takes_lanes`], `w` is a whole number of rows and every
-    /// `a[c]` has the activation row's bytes.
-    pub fn run_lanes(&self, w: &[u8], a: &[&[u8]], mut sink: impl FnMut(usize, usize, f32)) {
+    /// sum |w_i a_i| of what [`Self::run`] gives). Panics unless `w` is a whole number of rows
+    /// and `cols` came from this kernel's [`Self::lane_columns`].
+    pub fn run_lanes(&self, w: &[u8], cols: &LaneColumns, mut sink: impl FnMut(usize, usize, f32)) {
         let ty = self.ty;
         assert!(w.len().is_multiple_of(self.w_bytes), "{ty}: {} weight bytes are not whole rows", w.len());
-        self.check_columns(a);
         #[cfg(target_arch = "x86_64")]
         {
             let kernel = self.lanes.unwrap_or_else(|| panic!("{ty} has no lanes kernel here"));
-            let n_rows = w.len() / self.w_bytes;
+            let (n_rows, n_cols) = (w.len() / self.w_bytes, cols.n_cols);
             // Taken out of the thread-local (and put back): one buffer per thread, as the
             // allocator is shared by all threads.
             let mut out = LANES_OUT.take();
             out.clear();
-            out.resize(n_rows * a.len(), 0.0);
-            // SAFETY: whole rows of `n / 32` blocks, columns of as many Q8_0 blocks (checked
-            // above) and `out` of `n_rows * a.len()` values; CPU support checked in `new`.
-            unsafe { kernel(w, n_rows, self.n / ty.block_size(), a, &mut out) }
-            for (r, values) in out.chunks_exact(a.len()).enumerate() {
+            out.resize(n_rows * n_cols, 0.0);
+            // SAFETY: whole rows of `n / 32` blocks (checked above), `cols` prepared by this
+            // kernel for rows of that length, `out` of `n_rows * n_cols` values; CPU support
+            // checked in `new`.
+            unsafe { (kernel.run)(w, n_rows, self.n / ty.block_size(), &cols.prepared, &mut out) }
+            for (r, values) in out.chunks_exact(n_cols).enumerate() {
                 for (c, &v) in values.iter().enumerate() {
                     sink(r, c, v);
                 }
@@ -528,7 +548,7 @@ impl DotKernel {
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = &mut sink;
+            let _ = (&mut sink, cols.n_cols);
             panic!("{ty} has no lanes kernel here");
         }
     }
@@ -820,8 +840,10 @@ mod tests {
                 let a: Vec<&[u8]> = cols.iter().map(Vec::as_slice).collect();
                 let kernel = DotKernel::new(isa, ty, n);
                 assert!(kernel.takes_lanes(n_cols) && !kernel.takes_lanes(TILED_MIN_COLS - 1));
+                assert!(kernel.lane_columns(&a[..TILED_MIN_COLS - 1]).is_none());
+                let prepared = kernel.lane_columns(&a).expect("a batch the kernel takes");
                 let mut got = vec![f32::NAN; n_rows * n_cols];
-                kernel.run_lanes(&w, &a, |r, c, v| got[r * n_cols + c] = v);
+                kernel.run_lanes(&w, &prepared, |r, c, v| got[r * n_cols + c] = v);
                 for (i, v) in got.iter().enumerate() {
                     let (r, c) = (i / n_cols, i % n_cols);
                     let row = &w[r * row_bytes..][..row_bytes];

@@ -10,15 +10,15 @@
 //! (broadcast) with those vectors, the products of a block are added in i16 lanes and widened
 //! once, and one conversion and two multiplies scale the eight rows together.
 //!
-//! `vpmaddubsw` takes the activations as its unsigned operand, as `a + 128` (the call's
-//! preparation flips their sign bits once per column), and the signed weights `w` (Q4_0 `q - 8`,
+//! `vpmaddubsw` takes the activations as its unsigned operand, as `a + 128` (their sign bits
+//! flipped once per product, [`prepare_columns`]), and the signed weights `w` (Q4_0 `q - 8`,
 //! Q5_0 `q - 16`); each row's `128 * sum(w)` per block, computed in the transpose, is subtracted
 //! from the widened sum. The i16 lanes hold exact sums: a product pair is at most `2 * 255 * 16`
 //! and a lane adds eight pairs of Q4_0 (at most 32640) or four of Q5_0 (32640) before widening.
 //!
 //! Exactness: integer sums are exact, and each block adds its product of `isum`, `d_w` and `d_a`
-//! to its row's sum in the portable kernels' order and rounding (`quant/legacy.rs`), so every result is the portable
-//! kernel's, bit for bit, whatever the column count.
+//! to its row's sum in the portable kernels' order and rounding (`quant/legacy.rs`), so every
+//! result is the portable kernel's, bit for bit, whatever the column count.
 
 use std::arch::x86_64::*;
 use std::cell::Cell;
@@ -30,10 +30,10 @@ use super::{Avx2, load};
 /// Weight rows per band: the eight 32-bit lanes of a vector.
 pub(super) const BAND_ROWS: usize = 8;
 
-/// The columns of a call, prepared once: per column and block the 32 activation quants plus 128
-/// (as u8) and the block's scale.
-#[derive(Default)]
-struct Prepared {
+/// The columns of a product, prepared once for all its calls: per column and block the 32
+/// activation quants plus 128 (as u8) and the block's scale.
+pub(crate) struct Prepared {
+    n_cols: usize,
     /// `[column][block][32]`.
     quants: Vec<u8>,
     /// `[column][block]`.
@@ -52,7 +52,7 @@ struct Band {
 }
 
 thread_local! {
-    static BUFFERS: Cell<(Prepared, Band)> = Cell::new(Default::default());
+    static BAND: Cell<Band> = Cell::new(Default::default());
 }
 
 /// The 8x8 transpose of 32-bit elements: lane `r` of result `g` is element `g` of `v[r]`.
@@ -196,19 +196,13 @@ unsafe fn band_columns<const TYPE: u8, const N: usize>(
     }
 }
 
-/// `out[r * a.len() + c] = dot(row r, a[c])` for the `n_rows` rows of `nb` blocks of `TYPE` in
-/// `w` and every column of `a` (Q8_0 rows of `nb` blocks).
+/// The columns `a` (Q8_0 rows of `nb` blocks) prepared for [`legacy_lanes`].
 ///
 /// # Safety
-/// `w` holds `n_rows` rows of `nb` blocks of `TYPE`, every `a[c]` `nb` Q8_0 blocks; AVX2, FMA,
-/// F16C.
+/// Every `a[c]` holds `nb` blocks; AVX2, F16C.
 #[inline(always)]
-pub(super) unsafe fn legacy_lanes<const TYPE: u8>(w: &[u8], n_rows: usize, nb: usize, a: &[&[u8]], out: &mut [f32]) {
-    // Taken out of the thread-local rather than borrowed in a closure: a closure would not
-    // inherit the caller's target features, and the intrinsics would not inline.
-    let (mut cols, mut band) = BUFFERS.take();
-    cols.quants.clear();
-    cols.d.clear();
+pub(super) unsafe fn prepare_columns(a: &[&[u8]], nb: usize) -> Prepared {
+    let mut cols = Prepared { n_cols: a.len(), quants: Vec::with_capacity(a.len() * nb * 32), d: Vec::new() };
     unsafe {
         let flip = _mm256_set1_epi8(i8::MIN);
         for col in a {
@@ -221,6 +215,29 @@ pub(super) unsafe fn legacy_lanes<const TYPE: u8>(w: &[u8], n_rows: usize, nb: u
                     .push(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(p.cast::<u16>().read_unaligned())))));
             }
         }
+    }
+    cols
+}
+
+/// `out[r * n_cols + c] = dot(row r, column c)` for the `n_rows` rows of `nb` blocks of `TYPE`
+/// in `w` and every column of `cols`.
+///
+/// # Safety
+/// `w` holds `n_rows` rows of `nb` blocks of `TYPE`, `cols` came from [`prepare_columns`] with
+/// `nb`; AVX2, FMA, F16C.
+#[inline(always)]
+pub(super) unsafe fn legacy_lanes<const TYPE: u8>(
+    w: &[u8],
+    n_rows: usize,
+    nb: usize,
+    cols: &Prepared,
+    out: &mut [f32],
+) {
+    let n_cols = cols.n_cols;
+    // Taken out of the thread-local rather than borrowed in a closure: a closure would not
+    // inherit the caller's target features, and the intrinsics would not inline.
+    let mut band = BAND.take();
+    unsafe {
         for row0 in (0..n_rows).step_by(BAND_ROWS) {
             let n = BAND_ROWS.min(n_rows - row0);
             transpose_band::<TYPE>(w, row0, n, nb, &mut band);
@@ -228,19 +245,19 @@ pub(super) unsafe fn legacy_lanes<const TYPE: u8>(w: &[u8], n_rows: usize, nb: u
                 let mut values = [0.0f32; BAND_ROWS];
                 _mm256_storeu_ps(values.as_mut_ptr(), v);
                 for (r, &v) in values.iter().enumerate().take(n) {
-                    out[(row0 + r) * a.len() + c] = v;
+                    out[(row0 + r) * n_cols + c] = v;
                 }
             };
-            for c0 in (0..a.len() - a.len() % 2).step_by(2) {
-                let [v0, v1] = band_columns::<TYPE, 2>(&band, &cols, c0, nb);
+            for c0 in (0..n_cols - n_cols % 2).step_by(2) {
+                let [v0, v1] = band_columns::<TYPE, 2>(&band, cols, c0, nb);
                 emit(c0, v0);
                 emit(c0 + 1, v1);
             }
-            if a.len() % 2 == 1 {
-                let [v] = band_columns::<TYPE, 1>(&band, &cols, a.len() - 1, nb);
-                emit(a.len() - 1, v);
+            if n_cols % 2 == 1 {
+                let [v] = band_columns::<TYPE, 1>(&band, cols, n_cols - 1, nb);
+                emit(n_cols - 1, v);
             }
         }
     }
-    BUFFERS.set((cols, band));
+    BAND.set(band);
 }

@@ -294,52 +294,96 @@ mod rows_entry {
 
 /// A GEMM kernel of a 32-element type for batches of columns, bit-identical to the portable
 /// kernel: weight rows in the vector lanes on AVX2 (`lanes.rs`), activation columns in the
-/// lanes on AVX-512 VNNI (`tiled_legacy.rs`). `out[r * a.len() + c] = dot(row r, a[c])` for the
-/// `n_rows` rows of `w` (whole rows of `n_blocks` blocks, back to back) and every column of `a`
-/// (Q8_0 rows of `n_blocks` blocks).
+/// lanes on AVX-512 VNNI (`tiled_legacy.rs`). `prepare` lays out a product's columns (Q8_0 rows
+/// of `n_blocks` blocks) once; `run` sets `out[r * n_cols + c] = dot(row r, column c)` for the
+/// `n_rows` rows of `w` (whole rows of `n_blocks` blocks, back to back).
 ///
-/// # Safety
-/// The lengths as stated, `out` `n_rows * a.len()` values, and the CPU supports the kernel's
-/// instruction set.
-pub(super) type LanesKernel = unsafe fn(w: &[u8], n_rows: usize, n_blocks: usize, a: &[&[u8]], out: &mut [f32]);
+/// Safety of both: the lengths as stated, `cols` from this kernel's `prepare` with the same
+/// `n_blocks`, `out` `n_rows * n_cols` values, and the CPU supports the kernel's instruction set.
+#[derive(Clone, Copy)]
+pub(super) struct LanesKernel {
+    pub(super) prepare: unsafe fn(a: &[&[u8]], n_blocks: usize) -> LaneColumns,
+    pub(super) run: unsafe fn(w: &[u8], n_rows: usize, n_blocks: usize, cols: &LaneColumns, out: &mut [f32]),
+}
+
+/// A product's columns prepared by a [`LanesKernel`].
+pub(super) enum LaneColumns {
+    /// For `lanes.rs` (AVX2).
+    Lanes(lanes::Prepared),
+    /// For `tiled_legacy.rs` (AVX-512 VNNI).
+    Tiles(tiled_legacy::Columns),
+}
 
 /// The batch kernel for weights of type `ty` on `isa`, where there is one: Q4_0, Q5_0 on AVX2;
 /// Q4_0, Q5_0, Q8_0 on AVX-512 VNNI.
 pub(super) fn lanes_kernel(ty: GgmlType, isa: X86Isa) -> Option<LanesKernel> {
     match (isa, ty) {
-        (X86Isa::Avx2, GgmlType::Q4_0) => Some(lanes_entry::q4_0),
-        (X86Isa::Avx2, GgmlType::Q5_0) => Some(lanes_entry::q5_0),
-        (X86Isa::Avx512Vnni, GgmlType::Q4_0) => Some(lanes_entry::q4_0_vnni),
-        (X86Isa::Avx512Vnni, GgmlType::Q5_0) => Some(lanes_entry::q5_0_vnni),
-        (X86Isa::Avx512Vnni, GgmlType::Q8_0) => Some(lanes_entry::q8_0_vnni),
+        (X86Isa::Avx2, GgmlType::Q4_0) => Some(lanes_entry::Q4_0_AVX2),
+        (X86Isa::Avx2, GgmlType::Q5_0) => Some(lanes_entry::Q5_0_AVX2),
+        (X86Isa::Avx512Vnni, GgmlType::Q4_0) => Some(lanes_entry::Q4_0_VNNI),
+        (X86Isa::Avx512Vnni, GgmlType::Q5_0) => Some(lanes_entry::Q5_0_VNNI),
+        (X86Isa::Avx512Vnni, GgmlType::Q8_0) => Some(lanes_entry::Q8_0_VNNI),
         _ => None,
     }
 }
 
 /// The compiled [`LanesKernel`]s: `lanes.rs` for AVX2, `tiled_legacy.rs` for AVX-512 VNNI.
 mod lanes_entry {
-    use super::lanes::legacy_lanes;
-    use super::tiled_legacy::legacy_tiled;
+    use super::lanes::{legacy_lanes, prepare_columns};
+    use super::tiled_legacy::{lay_out_columns, legacy_tiled};
     use super::wide::{Q4_0, Q5_0, Q8_0};
+    use super::{LaneColumns, LanesKernel};
 
     macro_rules! lanes_entry {
-        ($name:ident, $kernel:ident, $ty:ident, $features:literal) => {
+        ($name:ident, $variant:ident, $prepare:expr, $kernel:ident, $ty:ident, $features:literal) => {
             #[doc = concat!("`", stringify!($kernel), "` for ", stringify!($ty), ", built with ", $features, ".")]
-            ///
-            /// # Safety
-            /// See [`super::LanesKernel`].
-            #[target_feature(enable = $features)]
-            pub(super) unsafe fn $name(w: &[u8], n_rows: usize, nb: usize, a: &[&[u8]], out: &mut [f32]) {
-                unsafe { $kernel::<$ty>(w, n_rows, nb, a, out) }
-            }
+            pub(super) const $name: LanesKernel = {
+                /// # Safety
+                /// See [`LanesKernel`].
+                #[target_feature(enable = $features)]
+                unsafe fn prepare(a: &[&[u8]], nb: usize) -> LaneColumns {
+                    unsafe { LaneColumns::$variant($prepare(a, nb)) }
+                }
+
+                /// # Safety
+                /// See [`LanesKernel`].
+                #[target_feature(enable = $features)]
+                unsafe fn run(w: &[u8], n_rows: usize, nb: usize, cols: &LaneColumns, out: &mut [f32]) {
+                    let LaneColumns::$variant(cols) = cols else { unreachable!("columns prepared by another kernel") };
+                    unsafe { $kernel::<$ty>(w, n_rows, nb, cols, out) }
+                }
+
+                LanesKernel { prepare, run }
+            };
         };
     }
 
-    lanes_entry!(q4_0, legacy_lanes, Q4_0, "avx2,fma,f16c");
-    lanes_entry!(q5_0, legacy_lanes, Q5_0, "avx2,fma,f16c");
-    lanes_entry!(q4_0_vnni, legacy_tiled, Q4_0, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni");
-    lanes_entry!(q5_0_vnni, legacy_tiled, Q5_0, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni");
-    lanes_entry!(q8_0_vnni, legacy_tiled, Q8_0, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni");
+    lanes_entry!(Q4_0_AVX2, Lanes, prepare_columns, legacy_lanes, Q4_0, "avx2,fma,f16c");
+    lanes_entry!(Q5_0_AVX2, Lanes, prepare_columns, legacy_lanes, Q5_0, "avx2,fma,f16c");
+    lanes_entry!(
+        Q4_0_VNNI,
+        Tiles,
+        lay_out_columns::<Q4_0>,
+        legacy_tiled,
+        Q4_0,
+        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
+    );
+    lanes_entry!(
+        Q5_0_VNNI,
+        Tiles,
+        lay_out_columns::<Q5_0>,
+        legacy_tiled,
+        Q5_0,
+        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
+    );
+    lanes_entry!(
+        Q8_0_VNNI,
+        Tiles,
+        lay_out_columns::<Q8_0>,
+        legacy_tiled,
+        Q8_0,
+        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
+    );
 }
 
 /// The tiled kernel of a k-quant type (`tiled.rs`): how its rows unpack, and one tile of

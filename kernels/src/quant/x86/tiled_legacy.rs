@@ -3,10 +3,10 @@
 //! columns or more, where the several-rows kernels (`rows.rs`) would unpack each weight block
 //! again for every eight columns and scale every block of every column separately.
 //!
-//! A call lays out its columns once ([`Columns`]): per tile of sixteen columns, block and
+//! A product lays out its columns once ([`Columns`]): per tile of sixteen columns, block and
 //! four-element group `g`, one vector of the sixteen columns' signed activations `4g..4g + 4`
 //! (a 16 x 8 transpose of 32-bit groups), and per block the accumulator start `-m * sum(a)` of
-//! each column. It unpacks its weight rows once ([`Rows`]): per row and block the 32 weights
+//! each column. A call unpacks its weight rows once ([`Rows`]): per row and block the 32 weights
 //! made non-negative (`u = w + m`: Q4_0 and Q5_0 their raw codes, `m` = 8 and 16; Q8_0 `w + 128`)
 //! as eight 32-bit groups. Then eight `vpdpbusd`, each with four weights broadcast, give one
 //! block of one row for sixteen columns, and a band of eight rows shares each activation load
@@ -32,10 +32,10 @@ const BAND_ROWS: usize = 8;
 /// Four-element groups of a 32-element block.
 const GROUPS: usize = 8;
 
-/// A call's activation columns in the tiled layout; a last partial tile is padded with zero
-/// columns.
-#[derive(Default)]
-struct Columns {
+/// A product's activation columns in the tiled layout, laid out once for all its calls; a last
+/// partial tile is padded with zero columns.
+pub(crate) struct Columns {
+    n_cols: usize,
     /// `[tile][block][g: 8]`: lane `c` holds the signed activations `4g..4g + 4` of the tile's
     /// column `c`.
     codes: Vec<__m512i>,
@@ -55,18 +55,23 @@ struct Rows {
 }
 
 thread_local! {
-    static BUFFERS: Cell<(Columns, Rows)> = Cell::new(Default::default());
+    static ROWS: Cell<Rows> = Cell::new(Default::default());
 }
 
-/// Lays out the columns `a` (Q8_0 rows of `nb` blocks) into `cols`, for weights of `TYPE`.
+/// The columns `a` (Q8_0 rows of `nb` blocks) laid out for [`legacy_tiled`] with weights of
+/// `TYPE`.
 ///
 /// # Safety
 /// Every `a[c]` holds `nb` blocks; AVX-512 F/BW/VNNI, F16C.
 #[inline(always)]
-unsafe fn lay_out_columns<const TYPE: u8>(a: &[&[u8]], nb: usize, cols: &mut Columns) {
-    cols.codes.clear();
-    cols.starts.clear();
-    cols.d.clear();
+pub(super) unsafe fn lay_out_columns<const TYPE: u8>(a: &[&[u8]], nb: usize) -> Columns {
+    let tiles = a.len().div_ceil(TILE_COLS);
+    let mut cols = Columns {
+        n_cols: a.len(),
+        codes: Vec::with_capacity(tiles * nb * GROUPS),
+        starts: Vec::with_capacity(tiles * nb),
+        d: Vec::with_capacity(tiles * nb),
+    };
     unsafe {
         let ones = _mm512_set1_epi8(1);
         for tile in a.chunks(TILE_COLS) {
@@ -92,6 +97,7 @@ unsafe fn lay_out_columns<const TYPE: u8>(a: &[&[u8]], nb: usize, cols: &mut Col
             }
         }
     }
+    cols
 }
 
 /// Unpacks the `n_rows` rows of `nb` blocks of `TYPE` in `w` into `rows`.
@@ -168,30 +174,30 @@ unsafe fn emit<const R: usize>(sums: [__m512; R], r0: usize, c0: usize, n: usize
     }
 }
 
-/// `out[r * a.len() + c] = dot(row r, a[c])` for the `n_rows` rows of `nb` blocks of `TYPE` in
-/// `w` and every column of `a` (Q8_0 rows of `nb` blocks).
+/// `out[r * n_cols + c] = dot(row r, column c)` for the `n_rows` rows of `nb` blocks of `TYPE`
+/// in `w` and every column of `cols`.
 ///
 /// # Safety
-/// `w` holds `n_rows` rows of `nb` blocks of `TYPE`, every `a[c]` `nb` Q8_0 blocks; AVX2, FMA,
-/// F16C, AVX-512 F/BW/VL/VNNI.
+/// `w` holds `n_rows` rows of `nb` blocks of `TYPE`, `cols` came from [`lay_out_columns`] with
+/// `TYPE` and `nb`; AVX2, FMA, F16C, AVX-512 F/BW/VL/VNNI.
 #[inline(always)]
-pub(super) unsafe fn legacy_tiled<const TYPE: u8>(w: &[u8], n_rows: usize, nb: usize, a: &[&[u8]], out: &mut [f32]) {
+pub(super) unsafe fn legacy_tiled<const TYPE: u8>(w: &[u8], n_rows: usize, nb: usize, cols: &Columns, out: &mut [f32]) {
+    let n_cols = cols.n_cols;
     // Taken out of the thread-local rather than borrowed in a closure: a closure would not
     // inherit the caller's target features, and the intrinsics would not inline.
-    let (mut cols, mut rows) = BUFFERS.take();
+    let mut rows = ROWS.take();
     unsafe {
-        lay_out_columns::<TYPE>(a, nb, &mut cols);
         unpack_rows::<TYPE>(w, n_rows, nb, &mut rows);
         let bands = n_rows - n_rows % BAND_ROWS;
-        for tile in 0..a.len().div_ceil(TILE_COLS) {
-            let (c0, n) = (tile * TILE_COLS, TILE_COLS.min(a.len() - tile * TILE_COLS));
+        for tile in 0..n_cols.div_ceil(TILE_COLS) {
+            let (c0, n) = (tile * TILE_COLS, TILE_COLS.min(n_cols - tile * TILE_COLS));
             for r0 in (0..bands).step_by(BAND_ROWS) {
-                emit(band::<TYPE, BAND_ROWS>(&rows, r0, &cols, tile, nb), r0, c0, n, a.len(), out);
+                emit(band::<TYPE, BAND_ROWS>(&rows, r0, cols, tile, nb), r0, c0, n, n_cols, out);
             }
             for r0 in bands..n_rows {
-                emit(band::<TYPE, 1>(&rows, r0, &cols, tile, nb), r0, c0, n, a.len(), out);
+                emit(band::<TYPE, 1>(&rows, r0, cols, tile, nb), r0, c0, n, n_cols, out);
             }
         }
     }
-    BUFFERS.set((cols, rows));
+    ROWS.set(rows);
 }
