@@ -31,8 +31,7 @@ use moeshard_protocol::transport::{
     write_control, write_frame,
 };
 use quinn::{Connection, RecvStream, SendStream, VarInt};
-use rayon::prelude::*;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::timeout;
 
@@ -242,11 +241,9 @@ impl Session {
         }
         let node = Arc::clone(&self.node);
         let blobs = plan.blobs().to_vec();
-        let found = tokio::task::spawn_blocking(move || {
-            node.pool.install(|| blobs.par_iter().map(|b| node.store.find(b)).collect::<Vec<_>>())
-        })
-        .await
-        .map_err(|err| End::Protocol(format!("worker error looking up blobs: {err}")))?;
+        let found = tokio::task::spawn_blocking(move || node.store.find_all(&blobs, node.cores as usize))
+            .await
+            .map_err(|err| End::Protocol(format!("worker error looking up blobs: {err}")))?;
 
         let (mut present, mut pending, mut need) = (HashMap::new(), HashMap::new(), Vec::new());
         for (blob, found) in plan.blobs().iter().zip(found) {
@@ -414,17 +411,10 @@ impl BatchStream {
             return Err(End::Protocol("an expert batch arrived before any assignment was ready".to_owned()));
         };
         let bytes_in = HEADER_LEN + payload.len();
-        let node = Arc::clone(&self.node);
         let started = Instant::now();
-        // Straight onto a pool thread (no blocking-pool thread in between: one wake-up less per
-        // batch, and the batch buffers are allocated and freed by the same few threads).
-        let (done, answered) = oneshot::channel();
-        node.pool.spawn(move || {
-            let _ = done.send(catch_unwind(AssertUnwindSafe(|| run_batch(&held, &payload))));
-        });
-        let answer = answered
-            .await
-            .map_err(|_| End::Protocol("worker error computing a batch: the pool dropped it".to_owned()))?
+        // On this thread, which is the pool's thread 0 and the runtime's only one: the batch starts
+        // as soon as its frame is read, with no hand-off to another thread and none back.
+        let answer = catch_unwind(AssertUnwindSafe(|| self.node.pool.install(|| run_batch(&held, &payload))))
             .map_err(|_| End::Protocol("worker error computing a batch: the kernel panicked".to_owned()))?
             .map_err(|err| End::Protocol(err.to_string()))?;
         let compute_us = started.elapsed().as_micros() as u64;

@@ -26,7 +26,8 @@ pub struct Node {
     pub gemv_gbps: f64,
     /// Weight blobs shared by hash.
     pub store: BlobStore,
-    /// The pool expert batches, blob hashing and the probe run on.
+    /// The pool expert batches and the probe run on; its thread 0 is the daemon's main thread,
+    /// which also runs the async runtime.
     pub pool: rayon::ThreadPool,
 }
 

@@ -20,16 +20,16 @@ use crate::connection::{self, CLOSED};
 use crate::node::Node;
 use crate::store::BlobStore;
 
-/// Threads of the async runtime (QUIC I/O and sessions; compute runs on the rayon pool).
-const IO_THREADS: usize = 2;
-
 /// How long shutdown waits for connections to acknowledge their close.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Runs the daemon until SIGINT or SIGTERM.
 pub fn run(settings: Settings) -> anyhow::Result<()> {
+    // This thread is the pool's thread 0 and runs the single-threaded async runtime below: an
+    // expert batch is computed from the thread that read it (see `connection::BatchStream`).
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(settings.threads)
+        .use_current_thread()
         .thread_name(|i| format!("moeshard-compute-{i}"))
         .build()
         .context("cannot start the compute threads")?;
@@ -49,12 +49,8 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         node = %node.node_id, name = %node.name, threads = node.cores, mem_budget = node.mem_budget,
         cache = %settings.cache_dir.display(), "quantized GEMV: {gemv_gbps:.2} GB/s"
     );
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(IO_THREADS)
-        .thread_name("moeshard-io")
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the async runtime")?;
     runtime.block_on(serve(node, settings.listen, settings.mdns))
 }
 

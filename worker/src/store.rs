@@ -11,7 +11,8 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use anyhow::Context;
 use memmap2::Mmap;
@@ -95,6 +96,25 @@ impl BlobStore {
             return None;
         }
         Some(self.remember(Blob { hash: want.hash, bytes: BlobBytes::Mapped { map: Arc::clone(map), start, len } }))
+    }
+
+    /// [`BlobStore::find`] for every blob of `wants`, on `threads` threads (at least one) that each
+    /// take the next blob not yet looked up; the answers are in the order of `wants`. Blocking.
+    pub fn find_all(&self, wants: &[TensorBlob], threads: usize) -> Vec<Option<Arc<Blob>>> {
+        let next = AtomicUsize::new(0);
+        let found: Vec<OnceLock<Option<Arc<Blob>>>> = wants.iter().map(|_| OnceLock::new()).collect();
+        std::thread::scope(|scope| {
+            for _ in 0..threads.clamp(1, wants.len().max(1)) {
+                scope.spawn(|| {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(want) = wants.get(i) else { break };
+                        let _ = found[i].set(self.find(want));
+                    }
+                });
+            }
+        });
+        found.into_iter().map(|f| f.into_inner().flatten()).collect()
     }
 
     /// Stores received bytes whose hash the caller verified: writes the cache file (a failure is
@@ -221,6 +241,30 @@ mod tests {
         assert_eq!(store.find(&describe(&blob, 300)).expect("found in the model").bytes(), &blob[..]);
         assert!(store.find(&describe(&blob, 299)).is_none(), "other bytes at that offset");
         assert!(store.find(&describe(&blob, u64::MAX - 10)).is_none(), "offset past the end");
+        std::fs::remove_dir_all(&dir).expect("clean up");
+    }
+
+    #[test]
+    fn find_all_answers_in_order_on_any_thread_count() {
+        let dir = temp_dir("find-all");
+        let store = BlobStore::open(dir.clone(), None).expect("store");
+        let blobs: Vec<Vec<u8>> = (0..7u8).map(|k| vec![k; 256 + usize::from(k)]).collect();
+        let wants: Vec<TensorBlob> = blobs.iter().map(|b| describe(b, 0)).collect();
+        for (i, b) in blobs.iter().enumerate().filter(|(i, _)| i % 2 == 0) {
+            store.insert(wants[i].hash, b.clone());
+        }
+        for threads in [0, 1, 3, 20] {
+            let found = store.find_all(&wants, threads);
+            assert_eq!(found.len(), wants.len());
+            for (i, f) in found.iter().enumerate() {
+                assert_eq!(
+                    f.as_ref().map(|b| b.bytes().to_vec()),
+                    (i % 2 == 0).then(|| blobs[i].clone()),
+                    "{threads}: {i}"
+                );
+            }
+        }
+        assert!(store.find_all(&[], 4).is_empty());
         std::fs::remove_dir_all(&dir).expect("clean up");
     }
 }
