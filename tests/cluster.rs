@@ -60,14 +60,16 @@ fn greedy_run(s: &mut Session, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<Vec<f
     (tokens, lps)
 }
 
-fn distributed_equals_single_node(name: &str) {
+/// Greedy decoding and teacher-forced scores through two workers under `placement` (a placement
+/// file naming `w1` and `w2` that leaves nothing on the coordinator) equal one machine's.
+fn distributed_equals_single_node(name: &str, placement: &str) {
     let model = Arc::new(Model::load(model_path(name)).unwrap());
     let n_embd = model.config.n_embd;
     let dirs = [TempDir::new("w1-cache"), TempDir::new("w2-cache")];
     let w1 = Worker::start("w1", KEY, &dirs[0].0, &[]);
     let w2 = Worker::start("w2", KEY, &dirs[1].0, &[]);
     let placement_file = crate::util::temp_path("placement.txt");
-    std::fs::write(&placement_file, "* * w1,w2\n").unwrap();
+    std::fs::write(&placement_file, placement).unwrap();
     let cluster = Cluster::start(model.clone(), &options(&[&w1, &w2], Some(placement_file.clone()))).unwrap();
     std::fs::remove_file(&placement_file).ok();
     assert!(cluster.placement.experts_of(0).is_empty(), "the coordinator keeps no experts");
@@ -100,7 +102,7 @@ fn distributed_equals_single_node(name: &str) {
     let mut expected = [0u64; 2];
     for (layer, experts) in recording.calls.lock().unwrap().iter() {
         for (w, count) in expected.iter_mut().enumerate() {
-            if experts.iter().any(|&e| placement.owner(*layer, e as usize) == w + 1) {
+            if placement.dispatch(*layer, experts).contains(&(w + 1)) {
                 *count += 1;
             }
         }
@@ -110,6 +112,8 @@ fn distributed_equals_single_node(name: &str) {
         let link = member.link().expect("no worker was lost");
         let remote = runtime.block_on(link.remote_stats()).unwrap();
         let local = member.stats().snapshot();
+        assert_eq!(remote.experts as usize, placement.experts_of(i + 1).len(), "experts held by {}", link.name());
+        assert!(expected[i] > 0, "worker {} computed nothing", link.name());
         assert_eq!(remote.batches, expected[i], "worker {} round trips", link.name());
         assert_eq!(local.round_trips, expected[i]);
         assert_eq!(local.failures, 0);
@@ -125,12 +129,17 @@ fn distributed_equals_single_node(name: &str) {
 
 #[test]
 fn two_workers_equal_one_machine_tiny_mellum_q8_0() {
-    distributed_equals_single_node("tiny-mellum-q8_0");
+    distributed_equals_single_node("tiny-mellum-q8_0", "* * w1,w2\n");
 }
 
 #[test]
 fn two_workers_equal_one_machine_kq_mellum_q4_k_m() {
-    distributed_equals_single_node("kq-mellum-q4_k_m");
+    distributed_equals_single_node("kq-mellum-q4_k_m", "* * w1,w2\n");
+}
+
+#[test]
+fn two_workers_holding_every_expert_equal_one_machine() {
+    distributed_equals_single_node("kq-mellum-q4_k_m", "* * w1+w2\n");
 }
 
 #[test]

@@ -86,8 +86,10 @@ pub struct ClusterArgs {
     /// How long to browse mDNS for workers, in milliseconds.
     #[arg(long = "discovery-ms", default_value_t = 1500)]
     pub discovery_ms: u64,
-    /// Explicit expert placement: lines `LAYERS EXPERTS NODE` (`*`, `N`, `A-B`, lists; NODE is
-    /// `local` or a worker's name); unlisted experts stay on the coordinator.
+    /// Explicit expert placement: lines `LAYERS EXPERTS NODES` (`*`, `N`, `A-B`, lists; NODES is
+    /// `local` or a worker's name, a comma list of them to split the experts in runs, or names
+    /// joined by `+` for nodes that each hold them all, every call balanced between them);
+    /// unlisted experts stay on the coordinator.
     #[arg(long = "placement")]
     pub placement: Option<std::path::PathBuf>,
     /// Longest deadline of one expert round trip to a worker, in milliseconds, and the one used

@@ -6,7 +6,8 @@
 //! tokens routed to it and their (expert, weight) lists; the local experts are computed while
 //! the workers work; the partial sums are added in a fixed order (coordinator, then workers by
 //! index), so a run is reproducible. Shares follow the placement fixed at start-up whoever
-//! computes them: a lost worker's share is computed here from the mapped file (same kernels, same
+//! computes them (a replicated expert's node is chosen per call by [`Placement::dispatch`], from
+//! the routes alone): a lost worker's share is computed here from the mapped file (same kernels, same
 //! quantized inputs: the same numbers, added at the same place in the sum), so the output does not
 //! depend on which workers are up. A round trip that fails or misses its deadline marks the worker
 //! lost (see [`Member`]); while it is lost no batch is sent to it and nothing waits on it.
@@ -93,9 +94,9 @@ impl ExpertBackend for ClusterExperts {
         let types = [l.ffn_gate_exps.matrix.ty.vec_dot_type(), l.ffn_up_exps.matrix.ty.vec_dot_type()];
         let inputs = QuantizedInputs::quantize(hidden, n_embd, types);
 
+        let route_experts: Vec<u32> = routes.iter().map(|r| r.expert).collect();
         let mut shares: BTreeMap<usize, NodeShare> = BTreeMap::new();
-        for r in routes {
-            let node = self.placement.owner(layer, r.expert as usize);
+        for (r, node) in routes.iter().zip(self.placement.dispatch(layer, &route_experts)) {
             let share = shares.entry(node).or_insert_with(|| NodeShare {
                 tokens: Vec::new(),
                 routes: Vec::new(),

@@ -6,7 +6,15 @@
 //! (largest-remainder rounding), capped by what each node's memory budget holds; the same split
 //! is used on every layer so no layer waits on an overloaded node. Node 0 is the coordinator,
 //! which keeps the whole file mapped and so has no cap.
+//!
+//! A placement file may also give an expert several holders (`w1+w2`: replicas). Each forward
+//! call then sends a replicated expert's rows to one of its holders, chosen by
+//! [`Placement::dispatch`] from the call's routes alone so that every holder gets a near-equal
+//! number of token rows: with experts split, a token's top-k lands unevenly on the nodes (for 8 of
+//! 64 experts over two nodes, the busier node gets 5.02 of them on average), with replicas each
+//! node gets 4.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 /// A node that can compute experts.
@@ -45,18 +53,19 @@ impl fmt::Display for PlacementError {
 
 impl std::error::Error for PlacementError {}
 
-/// The owner of every (layer, expert): an index into the node list (0 = the coordinator).
+/// The holders of every (layer, expert): indices into the node list (0 = the coordinator), one or
+/// more per expert, in the order the placement names them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Placement {
     n_layer: usize,
     n_expert: usize,
-    owner: Vec<usize>,
+    holders: Vec<Vec<usize>>,
 }
 
 impl Placement {
     /// Every expert on node 0.
     pub fn all_local(n_layer: usize, n_expert: usize) -> Placement {
-        Placement { n_layer, n_expert, owner: vec![0; n_layer * n_expert] }
+        Placement { n_layer, n_expert, holders: vec![vec![0]; n_layer * n_expert] }
     }
 
     /// Splits each layer's `n_expert` experts across `nodes` in proportion to `gemv_gbps`,
@@ -84,14 +93,18 @@ impl Placement {
                 owner.extend(std::iter::repeat_n(node, c));
             }
         }
-        Placement { n_layer, n_expert, owner }
+        let holders = owner.into_iter().map(|node| vec![node]).collect();
+        Placement { n_layer, n_expert, holders }
     }
 
     /// Parses a placement file: one rule per line, `LAYERS EXPERTS NODES`, where LAYERS and
     /// EXPERTS are `*`, a number, a range `A-B` (inclusive) or a comma list of those, and NODES is
-    /// a name from `node_names` (index = node) or a comma list of names, over which each layer's
-    /// selected experts are split in contiguous, near-equal runs (`* * w1,w2`: half each). Later
-    /// lines override earlier ones; experts no line names stay on node 0. `#` starts a comment.
+    /// a comma list of holder groups over which each layer's selected experts are split in
+    /// contiguous, near-equal runs (`* * w1,w2`: half each). A group is a node name from
+    /// `node_names` (index = node) or several joined by `+`, each of which then holds every expert
+    /// of the group's run (`* * w1+w2`: both hold all, [`Placement::dispatch`] balances each call
+    /// between them). Later lines override earlier ones; experts no line names stay on node 0. `#`
+    /// starts a comment.
     pub fn parse(
         text: &str,
         n_layer: usize,
@@ -111,34 +124,72 @@ impl Placement {
             };
             let layers = parse_set(layers, n_layer).map_err(|m| err(format!("layers: {m}")))?;
             let experts = parse_set(experts, n_expert).map_err(|m| err(format!("experts: {m}")))?;
-            let nodes = nodes
-                .split(',')
-                .map(|name| {
-                    node_names
+            let mut groups = Vec::new();
+            for group in nodes.split(',') {
+                let mut holders = Vec::new();
+                for name in group.split('+') {
+                    let node = node_names
                         .iter()
                         .position(|n| n == name)
-                        .ok_or_else(|| err(format!("unknown node {name:?} (known: {})", node_names.join(", "))))
-                })
-                .collect::<Result<Vec<usize>, _>>()?;
+                        .ok_or_else(|| err(format!("unknown node {name:?} (known: {})", node_names.join(", "))))?;
+                    if holders.contains(&node) {
+                        return Err(err(format!("node {name:?} appears twice in {group:?}")));
+                    }
+                    holders.push(node);
+                }
+                groups.push(holders);
+            }
             for &l in &layers {
                 for (i, &e) in experts.iter().enumerate() {
-                    p.owner[l * n_expert + e] = nodes[i * nodes.len() / experts.len()];
+                    p.holders[l * n_expert + e] = groups[i * groups.len() / experts.len()].clone();
                 }
             }
         }
         Ok(p)
     }
 
-    /// The node computing expert `expert` of layer `layer`.
-    pub fn owner(&self, layer: usize, expert: usize) -> usize {
-        self.owner[layer * self.n_expert + expert]
+    /// The nodes holding expert `expert` of layer `layer` (at least one).
+    pub fn holders(&self, layer: usize, expert: usize) -> &[usize] {
+        &self.holders[layer * self.n_expert + expert]
     }
 
-    /// The (layer, expert) pairs of `node`, layer-major.
+    /// The node computing each route of one forward call of layer `layer`, given the routes'
+    /// experts (`route_experts[i]` is route `i`'s). An expert with one holder goes to it. The
+    /// replicated ones are taken most token rows first (then by id) and each goes whole to its
+    /// holder with the fewest rows so far (ties: the first named): a function of the routes only,
+    /// so the same call is split the same way whichever nodes are up.
+    pub fn dispatch(&self, layer: usize, route_experts: &[u32]) -> Vec<usize> {
+        let mut rows: BTreeMap<u32, usize> = BTreeMap::new();
+        for &e in route_experts {
+            *rows.entry(e).or_default() += 1;
+        }
+        let mut load: BTreeMap<usize, usize> = BTreeMap::new();
+        let mut node_of: BTreeMap<u32, usize> = BTreeMap::new();
+        let mut replicated = Vec::new();
+        for (&e, &r) in &rows {
+            match self.holders(layer, e as usize) {
+                &[node] => {
+                    node_of.insert(e, node);
+                    *load.entry(node).or_default() += r;
+                }
+                _ => replicated.push((e, r)),
+            }
+        }
+        replicated.sort_by_key(|&(e, r)| (std::cmp::Reverse(r), e));
+        for (e, r) in replicated {
+            let holders = self.holders(layer, e as usize);
+            let node = *holders.iter().min_by_key(|n| load.get(n).copied().unwrap_or(0)).unwrap_or(&0);
+            node_of.insert(e, node);
+            *load.entry(node).or_default() += r;
+        }
+        route_experts.iter().map(|e| node_of[e]).collect()
+    }
+
+    /// The (layer, expert) pairs `node` holds, layer-major.
     pub fn experts_of(&self, node: usize) -> Vec<(usize, usize)> {
         (0..self.n_layer)
             .flat_map(|l| (0..self.n_expert).map(move |e| (l, e)))
-            .filter(|&(l, e)| self.owner(l, e) == node)
+            .filter(|&(l, e)| self.holders(l, e).contains(&node))
             .collect()
     }
 }
@@ -211,9 +262,9 @@ mod tests {
         assert_eq!(p.experts_of(0).len(), 32);
         assert_eq!(p.experts_of(1).len(), 64);
         assert_eq!(p.experts_of(2).len(), 32);
-        assert_eq!(p.owner(1, 0), 0);
-        assert_eq!(p.owner(1, 16), 1);
-        assert_eq!(p.owner(1, 63), 2);
+        assert_eq!(p.holders(1, 0), [0]);
+        assert_eq!(p.holders(1, 16), [1]);
+        assert_eq!(p.holders(1, 63), [2]);
     }
 
     #[test]
@@ -247,8 +298,8 @@ mod tests {
         let names = vec!["local".to_string(), "w1".to_string(), "w2".to_string()];
         let p = Placement::parse("# split\n* 0-3 w1\n* 4-7 w2\n1 0 local # back\n", 2, 8, &names).unwrap();
         assert_eq!(p.experts_of(0), vec![(1, 0)]);
-        assert_eq!(p.owner(0, 0), 1);
-        assert_eq!(p.owner(1, 5), 2);
+        assert_eq!(p.holders(0, 0), [1]);
+        assert_eq!(p.holders(1, 5), [2]);
         assert!(matches!(Placement::parse("* 0-8 w1", 2, 8, &names), Err(PlacementError::Syntax { line: 1, .. })));
         let e = Placement::parse("\n* 0 nobody", 2, 8, &names).unwrap_err();
         assert!(e.to_string().contains("line 2") && e.to_string().contains("nobody"), "{e}");
@@ -256,6 +307,42 @@ mod tests {
         let even = Placement::parse("* * w1,w2", 2, 7, &names).unwrap();
         assert_eq!(even.experts_of(1).len(), 2 * 4);
         assert_eq!(even.experts_of(2).len(), 2 * 3);
-        assert_eq!((even.owner(0, 3), even.owner(0, 4)), (1, 2));
+        assert_eq!((even.holders(0, 3), even.holders(0, 4)), (&[1][..], &[2][..]));
+    }
+
+    #[test]
+    fn parse_replicated_groups() {
+        let names = vec!["local".to_string(), "w1".to_string(), "w2".to_string()];
+        let p = Placement::parse("* * w1+w2", 2, 8, &names).unwrap();
+        assert_eq!(p.experts_of(1).len(), 16);
+        assert_eq!(p.experts_of(2).len(), 16);
+        assert!(p.experts_of(0).is_empty());
+        assert_eq!(p.holders(1, 7), [1, 2]);
+        let mixed = Placement::parse("* * w2+w1,local", 1, 8, &names).unwrap();
+        assert_eq!((mixed.holders(0, 3), mixed.holders(0, 4)), (&[2, 1][..], &[0][..]));
+        let e = Placement::parse("* * w1+w1", 1, 8, &names).unwrap_err();
+        assert!(e.to_string().contains("twice"), "{e}");
+        assert!(Placement::parse("* * w1+", 1, 8, &names).is_err());
+    }
+
+    #[test]
+    fn dispatch_balances_rows_over_replicas() {
+        let names = vec!["local".to_string(), "w1".to_string(), "w2".to_string()];
+        let p = Placement::parse("* * w1+w2", 1, 64, &names).unwrap();
+        // One token's top-8: four experts to each holder.
+        let decode = [3, 60, 17, 9, 41, 0, 33, 28];
+        let nodes = p.dispatch(0, &decode);
+        assert_eq!(nodes.iter().filter(|&&n| n == 1).count(), 4);
+        assert_eq!(nodes.iter().filter(|&&n| n == 2).count(), 4);
+        assert_eq!(p.dispatch(0, &decode), nodes, "a function of the routes");
+        // Rows, not experts, are balanced: expert 5's six rows against the other six routes.
+        let batch = [5, 5, 5, 5, 5, 5, 1, 2, 3, 4, 6, 7];
+        let nodes = p.dispatch(0, &batch);
+        assert!(nodes[..6].iter().all(|&n| n == nodes[0]), "an expert goes whole to one node");
+        assert!(nodes[6..].iter().all(|&n| n != nodes[0]));
+        // Fixed holders count towards the load the replicas are balanced against.
+        let q = Placement::parse("* 0-31 w1\n* 32-63 w1+w2", 1, 64, &names).unwrap();
+        let nodes = q.dispatch(0, &[0, 1, 2, 40, 41, 42]);
+        assert_eq!(nodes, [1, 1, 1, 2, 2, 2]);
     }
 }
