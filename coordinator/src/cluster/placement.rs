@@ -159,17 +159,17 @@ impl Placement {
     /// holder with the fewest rows so far (ties: the first named): a function of the routes only,
     /// so the same call is split the same way whichever nodes are up.
     pub fn dispatch(&self, layer: usize, route_experts: &[u32]) -> Vec<usize> {
-        let mut rows: BTreeMap<u32, usize> = BTreeMap::new();
+        let mut rows = vec![0usize; self.n_expert];
         for &e in route_experts {
-            *rows.entry(e).or_default() += 1;
+            rows[e as usize] += 1;
         }
         let mut load: BTreeMap<usize, usize> = BTreeMap::new();
-        let mut node_of: BTreeMap<u32, usize> = BTreeMap::new();
+        let mut node_of = vec![0usize; self.n_expert];
         let mut replicated = Vec::new();
-        for (&e, &r) in &rows {
-            match self.holders(layer, e as usize) {
+        for (e, &r) in rows.iter().enumerate().filter(|&(_, &r)| r > 0) {
+            match self.holders(layer, e) {
                 &[node] => {
-                    node_of.insert(e, node);
+                    node_of[e] = node;
                     *load.entry(node).or_default() += r;
                 }
                 _ => replicated.push((e, r)),
@@ -177,12 +177,12 @@ impl Placement {
         }
         replicated.sort_by_key(|&(e, r)| (std::cmp::Reverse(r), e));
         for (e, r) in replicated {
-            let holders = self.holders(layer, e as usize);
+            let holders = self.holders(layer, e);
             let node = *holders.iter().min_by_key(|n| load.get(n).copied().unwrap_or(0)).unwrap_or(&0);
-            node_of.insert(e, node);
+            node_of[e] = node;
             *load.entry(node).or_default() += r;
         }
-        route_experts.iter().map(|e| node_of[e]).collect()
+        route_experts.iter().map(|&e| node_of[e as usize]).collect()
     }
 
     /// The (layer, expert) pairs `node` holds, layer-major.
