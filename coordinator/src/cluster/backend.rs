@@ -22,6 +22,7 @@ use moeshard_protocol::data::{ActivationRows, ExpertBatch, WireRoute};
 
 use super::deadline::DeadlineBounds;
 use super::member::Member;
+use super::net::NetRuntime;
 use super::placement::Placement;
 use crate::experts::ExpertBackend;
 use crate::model::Model;
@@ -31,7 +32,7 @@ pub struct ClusterExperts {
     model: Arc<Model>,
     placement: Placement,
     members: Vec<Arc<Member>>,
-    runtime: Arc<tokio::runtime::Runtime>,
+    runtime: Arc<NetRuntime>,
     step: AtomicU64,
     bounds: DeadlineBounds,
 }
@@ -43,7 +44,7 @@ impl ClusterExperts {
         model: Arc<Model>,
         placement: Placement,
         members: Vec<Arc<Member>>,
-        runtime: Arc<tokio::runtime::Runtime>,
+        runtime: Arc<NetRuntime>,
         bounds: DeadlineBounds,
     ) -> Self {
         ClusterExperts { model, placement, members, runtime, step: AtomicU64::new(0), bounds }
@@ -60,7 +61,7 @@ impl ClusterExperts {
     }
 
     /// The runtime the links live on.
-    pub fn runtime(&self) -> &Arc<tokio::runtime::Runtime> {
+    pub fn runtime(&self) -> &Arc<NetRuntime> {
         &self.runtime
     }
 
@@ -142,8 +143,8 @@ impl ExpertBackend for ClusterExperts {
             let payload = batch.encode().map_err(|e| anyhow::anyhow!("encoding a batch for layer {layer}: {e}"))?;
             let started = Instant::now();
             let deadline = started + member.deadline(share.tokens.len(), self.bounds);
-            // Sent from this thread (no task hand-off): the stream is written and finished now,
-            // the answer read after the local experts.
+            // Sent from this thread, which drives the runtime (no hand-off to another thread):
+            // the stream is written and finished now, the answer read after the local experts.
             let sent = self.runtime.block_on(link.send_batch(&payload, deadline));
             pending.insert(node, (link, sent, started, deadline));
         }

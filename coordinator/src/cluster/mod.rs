@@ -15,6 +15,7 @@ pub mod deadline;
 pub mod discovery;
 mod link;
 mod member;
+mod net;
 pub mod placement;
 mod stats;
 
@@ -35,6 +36,7 @@ pub use backend::ClusterExperts;
 pub use deadline::DeadlineBounds;
 pub use link::{BlobSource, WorkerLink};
 pub use member::Member;
+pub use net::NetRuntime;
 pub use placement::{NodeSpec, Placement, PlacementError};
 pub use stats::{Counters, LinkStats};
 
@@ -70,14 +72,7 @@ impl Cluster {
     /// Forms the cluster for `model`. With no reachable, authenticated worker every expert stays
     /// on the coordinator (a warning says so).
     pub fn start(model: Arc<Model>, opts: &ClusterOptions) -> anyhow::Result<Cluster> {
-        let runtime = Arc::new(
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .thread_name("moeshard-net")
-                .enable_all()
-                .build()
-                .context("starting the network runtime")?,
-        );
+        let runtime = Arc::new(NetRuntime::start()?);
         let mut addrs: Vec<SocketAddr> = Vec::new();
         for w in &opts.workers {
             let resolved = w
