@@ -9,6 +9,8 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use moeshard_protocol::auth::ClusterKey;
 
+use crate::sched::SchedPolicy;
+
 /// The environment variable that may hold the cluster key.
 pub const KEY_ENV: &str = "MOESHARD_CLUSTER_KEY";
 
@@ -56,6 +58,12 @@ pub struct Args {
     /// offsets with the announced hashes are not shipped.
     #[arg(long, value_name = "FILE")]
     pub model: Option<PathBuf>,
+    /// Linux scheduling policy of the worker's threads: `batch` (SCHED_BATCH: a batch that
+    /// arrives never preempts the running task, such as a coordinator on this machine still
+    /// sending the layer to other workers, or your programs) or `normal` (SCHED_OTHER: it
+    /// preempts them).
+    #[arg(long, value_enum, default_value = "batch")]
+    pub sched: SchedPolicy,
 }
 
 /// Everything the daemon needs, defaults applied. No `Debug`: it holds the key.
@@ -76,6 +84,8 @@ pub struct Settings {
     pub mdns: bool,
     /// A local copy of the model file.
     pub model: Option<PathBuf>,
+    /// Scheduling policy of every worker thread.
+    pub sched: SchedPolicy,
 }
 
 impl Args {
@@ -105,6 +115,7 @@ impl Args {
             name,
             mdns: !self.no_mdns,
             model: self.model,
+            sched: self.sched,
         })
     }
 }

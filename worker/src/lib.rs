@@ -10,6 +10,7 @@
 //! - [`cli`]: command line and the settings derived from it;
 //! - [`announce`]: the mDNS announcement;
 //! - [`server`]: start-up, the accept loop and shutdown;
+//! - [`sched`]: the scheduling policy of the worker's threads (`SCHED_BATCH` by default);
 //! - [`node`]: what all sessions share (identity, capabilities, store, compute pool);
 //! - [`connection`]: one authenticated session (control stream and batch streams);
 //! - [`assignment`]: validation of an expert assignment and the experts it yields;
@@ -22,6 +23,7 @@ pub mod cli;
 pub mod compute;
 pub mod connection;
 pub mod node;
+pub mod sched;
 pub mod server;
 pub mod store;
 

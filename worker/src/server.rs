@@ -18,6 +18,7 @@ use crate::announce::Announcement;
 use crate::cli::Settings;
 use crate::connection::{self, CLOSED};
 use crate::node::Node;
+use crate::sched;
 use crate::store::BlobStore;
 
 /// How long shutdown waits for connections to acknowledge their close.
@@ -25,6 +26,8 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Runs the daemon until SIGINT or SIGTERM.
 pub fn run(settings: Settings) -> anyhow::Result<()> {
+    // Before any thread is created: they all inherit it.
+    sched::apply(settings.sched).with_context(|| format!("cannot set the scheduling policy {:?}", settings.sched))?;
     // This thread is the pool's thread 0 and runs the single-threaded async runtime below: an
     // expert batch is computed from the thread that read it (see `connection::BatchStream`).
     let pool = rayon::ThreadPoolBuilder::new()

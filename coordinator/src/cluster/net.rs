@@ -86,7 +86,10 @@ impl NetRuntime {
     }
 
     /// Runs `future` to completion on the calling thread, which drives the runtime (all of the
-    /// cluster's connections) meanwhile. Must not be called from inside an async context.
+    /// cluster's connections) meanwhile, then runs the tasks it woke before returning: a batch
+    /// written to a stream is on the wire when `block_on` returns, not at the next call (quinn
+    /// transmits from the connection's driver task). Must not be called from inside an async
+    /// context.
     pub fn block_on<F: Future>(&self, future: F) -> F::Output {
         let s = &self.shared;
         s.last_use_us.store(s.now_us(), Ordering::SeqCst);
@@ -95,7 +98,12 @@ impl NetRuntime {
         if s.idle_driving.load(Ordering::SeqCst) {
             s.let_go.notify_one();
         }
-        self.runtime.block_on(future)
+        self.runtime.block_on(async {
+            let output = future.await;
+            // Deferred wake: the scheduler runs every task that is ready first.
+            tokio::task::yield_now().await;
+            output
+        })
     }
 
     /// Spawns a task onto the runtime; it runs whenever some thread drives the runtime.
@@ -165,6 +173,26 @@ mod tests {
             !s.idle_driving.load(Ordering::SeqCst)
         });
         assert!(let_go, "the idle driver kept the runtime from a caller");
+    }
+
+    #[test]
+    fn tasks_the_future_wakes_have_run_when_block_on_returns() {
+        let net = NetRuntime::start().unwrap();
+        for _ in 0..20 {
+            let wake = Arc::new(Notify::new());
+            let ran = Arc::new(AtomicBool::new(false));
+            net.spawn({
+                let (wake, ran) = (wake.clone(), ran.clone());
+                async move {
+                    wake.notified().await;
+                    ran.store(true, Ordering::SeqCst);
+                }
+            });
+            // Let the task start waiting, then wake it from a future that is ready at once.
+            net.block_on(tokio::task::yield_now());
+            net.block_on(async { wake.notify_one() });
+            assert!(ran.load(Ordering::SeqCst), "the woken task had not run");
+        }
     }
 
     #[test]

@@ -129,6 +129,11 @@ impl Worker {
         worker
     }
 
+    /// The worker's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The worker's address as a client on loopback reaches it.
     pub fn connect_addr(&self) -> SocketAddr {
         SocketAddr::from((Ipv4Addr::LOCALHOST, self.addr.port()))
