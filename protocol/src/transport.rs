@@ -76,6 +76,9 @@ pub enum TransportError {
     /// The peer finished the stream cleanly at a frame boundary.
     #[error("the peer finished the stream")]
     Finished,
+    /// More bytes followed the frame of a stream that carries exactly one.
+    #[error("data after the stream's only frame")]
+    TrailingData,
     /// Reading a stream failed (connection lost, stream reset, ...).
     #[error("stream read failed: {0}")]
     Read(#[from] quinn::ReadError),
@@ -310,6 +313,22 @@ pub async fn read_frame(recv: &mut RecvStream, max_payload: usize) -> Result<(Fr
             Err(FrameError::Truncated { needed: (HEADER_LEN + len) as u64, got: (HEADER_LEN + got) as u64 }.into())
         }
         Err(ReadExactError::ReadError(e)) => Err(e.into()),
+    }
+}
+
+/// Reads the only frame of a stream (an expert batch, its partial sums): [`read_frame`], then
+/// the stream's end, which the sender's FIN marks in the frame's last packet. Read to its end,
+/// the stream is freed quietly; dropped before it, it costs a STOP_SENDING frame that wakes the
+/// peer for nothing. Errors: [`read_frame`]'s, and [`TransportError::TrailingData`] when bytes
+/// follow the frame.
+pub async fn read_only_frame(
+    recv: &mut RecvStream,
+    max_payload: usize,
+) -> Result<(FrameKind, Vec<u8>), TransportError> {
+    let frame = read_frame(recv, max_payload).await?;
+    match recv.read(&mut [0u8; 1]).await? {
+        None => Ok(frame),
+        Some(_) => Err(TransportError::TrailingData),
     }
 }
 
@@ -560,6 +579,35 @@ mod tests {
             let mut recv = stream_with(&client_conn, &server_conn, &bytes[..5]).await;
             let err = read_frame(&mut recv, 100).await.expect_err("truncated header");
             assert!(matches!(err, TransportError::Frame(FrameError::Truncated { needed: 12, got: 5 })), "{err}");
+        })
+        .await
+        .expect("test deadline");
+    }
+
+    #[tokio::test]
+    async fn only_frame_reads_the_end_so_no_stop_sending_goes_back() {
+        tokio::time::timeout(TEST_DEADLINE, async {
+            let (_server, _client, client_conn, server_conn) = connected_pair().await;
+            let frame = encode_frame(FrameKind::PartialSums, &[3; 40]).expect("frame");
+            let stop_sending_sent = || server_conn.stats().frame_tx.stop_sending;
+
+            let mut recv = stream_with(&client_conn, &server_conn, &frame).await;
+            assert_eq!(read_only_frame(&mut recv, 100).await.expect("the frame"), (FrameKind::PartialSums, vec![3; 40]));
+            drop(recv);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert_eq!(stop_sending_sent(), 0, "a stream read to its end is freed quietly");
+
+            let mut recv = stream_with(&client_conn, &server_conn, &frame).await;
+            read_frame(&mut recv, 100).await.expect("the frame");
+            drop(recv);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert!(stop_sending_sent() >= 1, "a stream dropped before its end costs a STOP_SENDING");
+
+            let mut trailing = frame.clone();
+            trailing.push(0);
+            let mut recv = stream_with(&client_conn, &server_conn, &trailing).await;
+            let err = read_only_frame(&mut recv, 100).await.expect_err("a byte after the frame");
+            assert!(matches!(err, TransportError::TrailingData), "{err}");
         })
         .await
         .expect("test deadline");

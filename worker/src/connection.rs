@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 use moeshard_protocol::control::{Assignment, BlobHash, Control, WeightChunk, WorkerStats};
 use moeshard_protocol::frame::{FrameError, FrameKind, HEADER_LEN, MAX_FRAME_PAYLOAD, PROTOCOL_VERSION};
 use moeshard_protocol::transport::{
-    HANDSHAKE_TIMEOUT, PROTOCOL_ERROR, TransportError, VERSION_MISMATCH, authenticate_server, read_control, read_frame,
-    write_control, write_frame,
+    HANDSHAKE_TIMEOUT, PROTOCOL_ERROR, TransportError, VERSION_MISMATCH, authenticate_server, read_control,
+    read_only_frame, write_control, write_frame,
 };
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use tokio::sync::watch;
@@ -99,9 +99,10 @@ impl End {
     fn from_transport(err: TransportError) -> Self {
         match err {
             TransportError::Frame(FrameError::UnsupportedVersion(_)) => End::Version(err.to_string()),
-            TransportError::Frame(_) | TransportError::Control(_) | TransportError::UnexpectedKind { .. } => {
-                End::Protocol(err.to_string())
-            }
+            TransportError::Frame(_)
+            | TransportError::Control(_)
+            | TransportError::UnexpectedKind { .. }
+            | TransportError::TrailingData => End::Protocol(err.to_string()),
             TransportError::Finished => End::Graceful("the coordinator finished the stream".to_owned()),
             other => End::Graceful(other.to_string()),
         }
@@ -397,7 +398,7 @@ impl BatchStream {
 
     /// Reads one expert batch, computes it on the node's pool, writes the partial sums.
     async fn answer(&self, mut send: SendStream, mut recv: RecvStream) -> Result<(), End> {
-        let (kind, payload) = match timeout(BATCH_TIMEOUT, read_frame(&mut recv, MAX_FRAME_PAYLOAD)).await {
+        let (kind, payload) = match timeout(BATCH_TIMEOUT, read_only_frame(&mut recv, MAX_FRAME_PAYLOAD)).await {
             Err(_) => return Err(End::Protocol(format!("no expert batch within {BATCH_TIMEOUT:?} on an open stream"))),
             Ok(Err(TransportError::Finished)) => {
                 return Err(End::Protocol("a batch stream ended without an expert batch".to_owned()));

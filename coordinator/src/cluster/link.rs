@@ -10,7 +10,7 @@ use moeshard_protocol::control::{Assignment, Capabilities, Control, Hello, MAX_C
 use moeshard_protocol::data::{PartialSums, decode_partial_sums};
 use moeshard_protocol::frame::{FrameKind, HEADER_LEN, MAX_FRAME_PAYLOAD, PROTOCOL_VERSION};
 use moeshard_protocol::transport::{
-    authenticate_client, connect, read_control, read_frame, write_control, write_frame,
+    authenticate_client, connect, read_control, read_only_frame, write_control, write_frame,
 };
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
 use tokio::sync::Mutex;
@@ -44,7 +44,7 @@ impl SentBatch {
     /// included). Fails when they have not arrived by `deadline`.
     pub async fn reply(mut self, deadline: Instant) -> anyhow::Result<(PartialSums, u64, u64)> {
         let exchange = async {
-            let (kind, payload) = read_frame(&mut self.recv, MAX_FRAME_PAYLOAD).await?;
+            let (kind, payload) = read_only_frame(&mut self.recv, MAX_FRAME_PAYLOAD).await?;
             if kind != FrameKind::PartialSums {
                 bail!("expected partial sums, got a {kind:?} frame");
             }
