@@ -164,8 +164,19 @@ const MAX_ACK_DELAY: Duration = Duration::from_millis(5);
 /// every layer.
 const INITIAL_WINDOW: u64 = 1 << 20;
 
+/// Streams a peer may open at once. A coordinator has one batch stream per worker in flight;
+/// the limit matters for when credit comes back: quinn announces freed streams (MAX_STREAMS,
+/// in a packet of its own that wakes the peer) once an eighth of the limit is free. With its
+/// default of 100 that was every 13th batch, while the worker computed it; here every 128th.
+const MAX_CONCURRENT_BIDI_STREAMS: u32 = 1024;
+/// Bytes a peer may have unread across all streams of a connection (quinn's default is
+/// unbounded): with [`MAX_CONCURRENT_BIDI_STREAMS`] streams open, memory stays bounded by this.
+const CONNECTION_RECEIVE_WINDOW: u32 = 128 << 20;
+
 fn transport_config() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(VarInt::from_u32(MAX_CONCURRENT_BIDI_STREAMS));
+    t.receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW));
     t.max_idle_timeout(Some(VarInt::from_u32(IDLE_TIMEOUT_MS).into()));
     t.keep_alive_interval(Some(KEEP_ALIVE));
     let mut acks = quinn::AckFrequencyConfig::default();
@@ -592,7 +603,10 @@ mod tests {
             let stop_sending_sent = || server_conn.stats().frame_tx.stop_sending;
 
             let mut recv = stream_with(&client_conn, &server_conn, &frame).await;
-            assert_eq!(read_only_frame(&mut recv, 100).await.expect("the frame"), (FrameKind::PartialSums, vec![3; 40]));
+            assert_eq!(
+                read_only_frame(&mut recv, 100).await.expect("the frame"),
+                (FrameKind::PartialSums, vec![3; 40])
+            );
             drop(recv);
             tokio::time::sleep(Duration::from_millis(50)).await;
             assert_eq!(stop_sending_sent(), 0, "a stream read to its end is freed quietly");
@@ -608,6 +622,28 @@ mod tests {
             let mut recv = stream_with(&client_conn, &server_conn, &trailing).await;
             let err = read_only_frame(&mut recv, 100).await.expect_err("a byte after the frame");
             assert!(matches!(err, TransportError::TrailingData), "{err}");
+        })
+        .await
+        .expect("test deadline");
+    }
+
+    #[tokio::test]
+    async fn a_hundred_round_trips_need_no_stream_credit_announcement() {
+        tokio::time::timeout(TEST_DEADLINE, async {
+            let (_server, _client, client_conn, server_conn) = connected_pair().await;
+            for i in 0..100u8 {
+                let (mut send, mut recv) = client_conn.open_bi().await.expect("open");
+                write_frame(&mut send, FrameKind::ExpertBatch, &[i; 64]).await.expect("batch");
+                send.finish().expect("finish");
+                let (mut answer, mut request) = server_conn.accept_bi().await.expect("accept");
+                assert_eq!(read_only_frame(&mut request, 100).await.expect("batch").1, vec![i; 64]);
+                write_frame(&mut answer, FrameKind::PartialSums, &[i; 32]).await.expect("answer");
+                answer.finish().expect("finish");
+                assert_eq!(read_only_frame(&mut recv, 100).await.expect("answer").1, vec![i; 32]);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            // quinn's default limit (100 streams) announces credit every 13 freed streams.
+            assert_eq!(server_conn.stats().frame_tx.max_streams_bidi, 0);
         })
         .await
         .expect("test deadline");
