@@ -23,7 +23,7 @@ use crate::util::{
 const KEY: &str = "failover-test-cluster-key-0123456789";
 const MODEL: &str = "tiny-mellum-q8_0";
 /// Tokens per request: enough that a fault injected at the first one lands mid-request.
-const TOKENS: usize = 160;
+const TOKENS: usize = 400;
 /// The most a fault may add to a request's wall time (issue #6).
 const ADDED_LATENCY_BOUND: Duration = Duration::from_secs(2);
 /// The most a restarted coordinator may take from its start to a request served by the workers.
@@ -203,7 +203,7 @@ async fn killed_worker_mid_stream_then_restarted_on_its_port() {
     let (w1_addr, pid) = (w1.addr, w1.pid());
     let placement = temp_path("placement.txt");
     let server = serve_with(&[w1.addr, w2.addr], &placement);
-    let f = run_with_fault(&server, "SIGKILL", || send_signal(pid, "KILL")).await;
+    let f = run_with_fault(&server, "SIGKILL", || send_signal(pid, libc::SIGKILL)).await;
     drop(w1);
     let _w1 = Worker::start_on(&w1_addr.to_string(), "w1", KEY, &dirs[0].0, &[]);
     recovers(&server, "SIGKILL", f).await;
@@ -218,9 +218,9 @@ async fn stalled_worker_mid_stream_then_continued() {
     let placement = temp_path("placement.txt");
     let server = serve_with(&[w1.addr, w2.addr], &placement);
     let pid = w1.pid();
-    let f = run_with_fault(&server, "SIGSTOP", || send_signal(pid, "STOP")).await;
+    let f = run_with_fault(&server, "SIGSTOP", || send_signal(pid, libc::SIGSTOP)).await;
     // Awake, w1 may finish the batch it held: that answer is stale and must not be used.
-    send_signal(pid, "CONT");
+    send_signal(pid, libc::SIGCONT);
     recovers(&server, "SIGSTOP", f).await;
     std::fs::remove_file(&placement).ok();
 }

@@ -82,10 +82,14 @@ pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Output {
     Output { status, stdout: stdout.join().unwrap_or_default(), stderr: stderr.join().unwrap_or_default() }
 }
 
-/// Sends `signal` (a name such as `KILL`, `STOP`, `CONT`) to process `pid` with kill(1).
-pub fn send_signal(pid: u32, signal: &str) {
-    let status = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().expect("kill(1)");
-    assert!(status.success(), "kill -{signal} {pid} failed");
+/// Sends `signal` (`libc::SIGKILL`, `SIGSTOP`, `SIGCONT`...) to process `pid` with kill(2).
+/// A system call, not kill(1): spawning a process can take hundreds of milliseconds on a loaded
+/// machine, and a fault meant for the middle of a request must not land after its end.
+pub fn send_signal(pid: u32, signal: libc::c_int) {
+    let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    let rc = unsafe { libc::kill(pid, signal) };
+    assert_eq!(rc, 0, "kill({pid}, {signal}): {}", std::io::Error::last_os_error());
 }
 
 /// Path of a binary built next to `moeshard` (e.g. `moeshard-worker`, built by
