@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use moeshard_protocol::auth::ClusterKey;
 
-use crate::sched::SchedPolicy;
+use crate::sched::{CpuList, SchedPolicy};
 
 /// The environment variable that may hold the cluster key.
 pub const KEY_ENV: &str = "MOESHARD_CLUSTER_KEY";
@@ -45,7 +45,7 @@ pub struct Args {
     /// Default: $XDG_CACHE_HOME/moeshard/experts, else ~/.cache/moeshard/experts.
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
-    /// Compute threads. Default: all available cores.
+    /// Compute threads. Default: all available cores (with --cpus, one per CPU listed).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub threads: Option<u32>,
     /// Name shown to coordinators. Default: the host name.
@@ -64,6 +64,11 @@ pub struct Args {
     /// preempts them).
     #[arg(long, value_enum, default_value = "batch")]
     pub sched: SchedPolicy,
+    /// Keep every worker thread on these CPUs, in taskset's list form (e.g. `0-3` or `1,3`).
+    /// Give each of several workers on one machine its own CPUs: unpinned, Linux may queue two
+    /// of them on one core while the other idles. Default: wherever Linux places them.
+    #[arg(long, value_name = "LIST")]
+    pub cpus: Option<CpuList>,
 }
 
 /// Everything the daemon needs, defaults applied. No `Debug`: it holds the key.
@@ -86,6 +91,8 @@ pub struct Settings {
     pub model: Option<PathBuf>,
     /// Scheduling policy of every worker thread.
     pub sched: SchedPolicy,
+    /// The CPUs every worker thread is kept on (`None`: no pinning).
+    pub cpus: Option<CpuList>,
 }
 
 impl Args {
@@ -101,9 +108,10 @@ impl Args {
             Some(dir) => dir,
             None => default_cache_dir(std::env::var_os("XDG_CACHE_HOME"), std::env::var_os("HOME"))?,
         };
-        let threads = match self.threads {
-            Some(n) => n as usize,
-            None => std::thread::available_parallelism().map_or(1, usize::from),
+        let threads = match (self.threads, &self.cpus) {
+            (Some(n), _) => n as usize,
+            (None, Some(cpus)) => cpus.cpus().len(),
+            (None, None) => std::thread::available_parallelism().map_or(1, usize::from),
         };
         let name = self.name.unwrap_or_else(host_name);
         Ok(Settings {
@@ -116,6 +124,7 @@ impl Args {
             mdns: !self.no_mdns,
             model: self.model,
             sched: self.sched,
+            cpus: self.cpus,
         })
     }
 }

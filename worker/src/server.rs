@@ -26,7 +26,10 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Runs the daemon until SIGINT or SIGTERM.
 pub fn run(settings: Settings) -> anyhow::Result<()> {
-    // Before any thread is created: they all inherit it.
+    // Before any thread is created: they all inherit both.
+    if let Some(cpus) = &settings.cpus {
+        sched::pin(cpus).with_context(|| format!("cannot keep the worker on CPUs {cpus} (--cpus)"))?;
+    }
     sched::apply(settings.sched).with_context(|| format!("cannot set the scheduling policy {:?}", settings.sched))?;
     // This thread is the pool's thread 0 and runs the single-threaded async runtime below: an
     // expert batch is computed from the thread that read it (see `connection::BatchStream`).
@@ -36,6 +39,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         .thread_name(|i| format!("moeshard-compute-{i}"))
         .build()
         .context("cannot start the compute threads")?;
+    let cpus = settings.cpus.as_ref().map_or_else(|| "any".to_owned(), ToString::to_string);
     let store = BlobStore::open(settings.cache_dir.clone(), settings.model.as_deref())?;
     let gemv_gbps = pool.install(moeshard_kernels::probe::gemv_throughput);
     let node = Arc::new(Node {
@@ -50,6 +54,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     });
     tracing::info!(
         node = %node.node_id, name = %node.name, threads = node.cores, mem_budget = node.mem_budget,
+        cpus = %cpus,
         cache = %settings.cache_dir.display(), "quantized GEMV: {gemv_gbps:.2} GB/s"
     );
     let runtime =

@@ -1,4 +1,4 @@
-//! Start-up: refusals, and the scheduling policy of the daemon's threads.
+//! Start-up: refusals, and the scheduling policy and CPUs of the daemon's threads.
 
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -8,9 +8,14 @@ use crate::util::{TempDir, Worker, wait_with_deadline};
 /// Starts the worker with `MOESHARD_CLUSTER_KEY` set to `key` (removed for `None`), expects it to
 /// exit with code 1 within 30 s, and returns its output.
 fn refused(key: Option<&str>) -> Output {
+    refused_with(key, &[])
+}
+
+/// [`refused`] with `extra` arguments.
+fn refused_with(key: Option<&str>, extra: &[&str]) -> Output {
     let dir = crate::util::TempDir::new("refused");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_moeshard-worker"));
-    cmd.args(["--listen", "127.0.0.1:0", "--no-mdns", "--cache-dir"]).arg(dir.path());
+    cmd.args(["--listen", "127.0.0.1:0", "--no-mdns", "--cache-dir"]).arg(dir.path()).args(extra);
     match key {
         Some(k) => cmd.env("MOESHARD_CLUSTER_KEY", k),
         None => cmd.env_remove("MOESHARD_CLUSTER_KEY"),
@@ -67,4 +72,34 @@ fn every_thread_runs_under_the_chosen_policy() {
         assert!(policies.len() >= 2, "the runtime thread and the compute threads: {policies:?}");
         assert!(policies.iter().all(|&p| p == expected), "{extra:?}: policies {policies:?}, expected {expected}");
     }
+}
+
+/// The `Cpus_allowed_list` line of a `/proc/.../status` file.
+fn allowed_cpus(status_file: &std::path::Path) -> String {
+    let status = std::fs::read_to_string(status_file).expect("status");
+    let line = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).expect("Cpus_allowed_list");
+    line.trim().to_owned()
+}
+
+#[test]
+fn every_thread_stays_on_the_given_cpus() {
+    // The last CPU this test may run on (the list's last item, the end of a range).
+    let ours = allowed_cpus("/proc/self/status".as_ref());
+    let cpu = ours.rsplit([',', '-']).next().expect("an allowed CPU").to_owned();
+    let cache = TempDir::new("cpus");
+    let worker = Worker::spawn(cache.path(), &["--listen", "127.0.0.1:0", "--no-mdns", "--cpus", &cpu]);
+    let tasks: Vec<_> =
+        std::fs::read_dir(format!("/proc/{}/task", worker.pid())).expect("the worker's threads").collect();
+    assert!(tasks.len() >= 2, "the runtime thread and the compute threads");
+    for task in tasks {
+        let path = task.expect("a thread").path().join("status");
+        assert_eq!(allowed_cpus(&path), cpu, "{}", path.display());
+    }
+}
+
+#[test]
+fn refuses_cpus_it_cannot_run_on() {
+    let output = refused_with(Some("a-key-of-sixteen-chars"), &["--cpus", "1000-1001"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("cannot keep the worker on CPUs 1000-1001 (--cpus)"), "{stderr}");
 }
