@@ -122,12 +122,21 @@ impl fmt::Display for CpuList {
 }
 
 /// Restricts the calling thread to `cpus`; threads it creates afterwards inherit the set.
-/// Needs no privilege. Errors: the `sched_setaffinity(2)` error (`EINVAL` when none of the CPUs
-/// is online or allowed to this process, e.g. by a cgroup cpuset), or, outside Linux, that CPU
-/// pinning is not supported.
+/// Needs no privilege. Errors ([`std::io::ErrorKind::InvalidInput`]): a listed CPU this process
+/// may not run on (offline, absent, or outside its cgroup cpuset), naming those and the CPUs it
+/// may use; else the `sched_setaffinity(2)` error; outside Linux, that CPU pinning is not
+/// supported.
 pub fn pin(cpus: &CpuList) -> std::io::Result<()> {
     #[cfg(target_os = "linux")]
     {
+        let allowed = allowed_cpus()?;
+        let missing: Vec<usize> = cpus.cpus().iter().copied().filter(|cpu| !allowed.contains(cpu)).collect();
+        if !missing.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("this process may not run on CPU {} (it may use {})", CpuList(missing), CpuList(allowed)),
+            ));
+        }
         // SAFETY: a zeroed `cpu_set_t` is the empty set; CPU_SET is given indices below
         // CPU_SETSIZE (checked at parse); pid 0 is the calling thread.
         unsafe {
@@ -145,6 +154,19 @@ pub fn pin(cpus: &CpuList) -> std::io::Result<()> {
     {
         let _ = cpus;
         Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "CPU pinning is only supported on Linux"))
+    }
+}
+
+/// The CPUs the calling thread may run on now (`sched_getaffinity(2)`), ascending.
+#[cfg(target_os = "linux")]
+fn allowed_cpus() -> std::io::Result<Vec<usize>> {
+    // SAFETY: `set` is a valid, writable `cpu_set_t` of the size passed; pid 0 is this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok((0..MAX_CPUS).filter(|&cpu| libc::CPU_ISSET(cpu, &set)).collect())
     }
 }
 
@@ -200,23 +222,13 @@ mod tests {
         assert_eq!(seen, (libc::SCHED_BATCH, libc::SCHED_BATCH, libc::SCHED_OTHER));
     }
 
-    /// The calling thread's allowed CPUs.
-    fn allowed_cpus() -> Vec<usize> {
-        // SAFETY: `set` is a valid, writable `cpu_set_t` of the size passed; pid 0 is this thread.
-        unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            assert_eq!(libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set), 0);
-            (0..MAX_CPUS).filter(|&cpu| libc::CPU_ISSET(cpu, &set)).collect()
-        }
-    }
-
     #[test]
     fn pinning_holds_for_the_thread_and_its_children() {
         let seen = std::thread::spawn(|| {
-            let first = *allowed_cpus().first().expect("some CPU is allowed");
+            let first = *allowed_cpus().unwrap().first().expect("some CPU is allowed");
             let list: CpuList = first.to_string().parse().unwrap();
             pin(&list).unwrap();
-            (first, allowed_cpus(), std::thread::spawn(allowed_cpus).join().unwrap())
+            (first, allowed_cpus().unwrap(), std::thread::spawn(allowed_cpus).join().unwrap().unwrap())
         })
         .join()
         .unwrap();
@@ -225,8 +237,17 @@ mod tests {
     }
 
     #[test]
-    fn pinning_to_cpus_that_do_not_exist_is_an_error() {
-        let err = std::thread::spawn(|| pin(&"1000-1023".parse().unwrap())).join().unwrap().expect_err("no such CPUs");
-        assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "{err}");
+    fn pinning_to_cpus_that_do_not_exist_is_an_error_naming_them() {
+        let (err, before, after) = std::thread::spawn(|| {
+            let before = allowed_cpus().unwrap();
+            let list: CpuList = format!("{},1000-1023", before[0]).parse().unwrap();
+            (pin(&list).expect_err("no such CPUs"), before, allowed_cpus().unwrap())
+        })
+        .join()
+        .unwrap();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+        let allowed = CpuList(before.clone()).to_string();
+        assert_eq!(err.to_string(), format!("this process may not run on CPU 1000-1023 (it may use {allowed})"));
+        assert_eq!(after, before, "nothing was changed");
     }
 }

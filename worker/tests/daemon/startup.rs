@@ -101,5 +101,9 @@ fn every_thread_stays_on_the_given_cpus() {
 fn refuses_cpus_it_cannot_run_on() {
     let output = refused_with(Some("a-key-of-sixteen-chars"), &["--cpus", "1000-1001"]);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("cannot keep the worker on CPUs 1000-1001 (--cpus)"), "{stderr}");
+    let ours = allowed_cpus("/proc/self/status".as_ref());
+    let says = format!(
+        "cannot keep the worker on CPUs 1000-1001 (--cpus): this process may not run on CPU 1000-1001 (it may use {ours})"
+    );
+    assert!(stderr.contains(&says), "{stderr}");
 }
