@@ -182,6 +182,9 @@ const CONNECTION_RECEIVE_WINDOW: u32 = 128 << 20;
 /// dropped, never fragmented. On loopback a decode step's 9 KB answer then travels as one
 /// packet instead of seven: a round trip of 2.8 KB out and 9.3 KB back, each on a fresh stream
 /// as expert batches go, took 84 µs instead of 95-98 µs (median of 5,000, two vCPUs).
+/// quinn sizes each endpoint's receive buffer by it (x 64 GRO segments x 32 datagrams: 128 MiB of
+/// address space instead of 3 MiB), but only what bursts fill becomes resident: a worker's
+/// anonymous memory after a pp512 run over loopback was 48 MB, against 47 MB before.
 pub const MAX_UDP_PAYLOAD: u16 = 65527;
 
 fn transport_config() -> Arc<quinn::TransportConfig> {
