@@ -236,3 +236,60 @@ fn worker_is_discovered_by_mdns_in_a_network_namespace() {
         .unwrap_or_else(|| panic!("no worker in stats: {stderr}"));
     assert!(!line.contains(" 0 experts") && !line.contains(" 0 round trips"), "{line}");
 }
+
+/// `bench --compare-local` interleaves the cluster with this machine alone in one run: a local
+/// row and a ratio line beside the cluster's, the workers' traffic counted over the cluster's
+/// tokens only, and a clear error without workers.
+#[test]
+fn bench_compare_local_interleaves_cluster_and_local_tokens() {
+    let path = model_path("tiny-mellum-q8_0");
+    let file = path.to_str().unwrap();
+    let n_layer = Model::load(&path).unwrap().config.n_layer as f64;
+    let dirs = [TempDir::new("cmp-w1"), TempDir::new("cmp-w2")];
+    let (w1, w2) = (Worker::start("w1", KEY, &dirs[0].0, &[]), Worker::start("w2", KEY, &dirs[1].0, &[]));
+    // Every expert on both workers: each decoded token takes exactly one round trip per layer to
+    // each of them (its routes split between the two), and none when it runs locally.
+    let placement = crate::util::temp_path("cmp-placement.txt");
+    std::fs::write(&placement, "* * w1+w2\n").unwrap();
+    let (a1, a2) = (w1.addr.to_string(), w2.addr.to_string());
+    let cluster_args = ["--cluster-key", KEY, "--no-discovery", "--worker", &a1, "--worker", &a2];
+    let mut args = vec!["bench", "-m", file, "-p", "8", "-n", "6", "-r", "2", "-t", "1", "--compare-local"];
+    args.extend(cluster_args);
+    args.extend(["--placement", placement.to_str().unwrap()]);
+
+    let out = crate::util::moeshard(&[args.as_slice(), &["-o", "json"]].concat(), Duration::from_secs(120));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let tests = report["tests"].as_array().unwrap();
+    let (pp, tg) = (&tests[0], &tests[1]);
+    assert_eq!((pp["test"].as_str(), tg["test"].as_str()), (Some("pp8"), Some("tg6")));
+    for (t, pairs) in [(pp, 2), (tg, 6)] {
+        let local = &t["local"];
+        assert_eq!(local["samples_ts"].as_array().unwrap().len(), 2, "{t}");
+        assert_eq!(local["pairs"], pairs, "{t}");
+        for key in ["speed_ratio", "median_pair_ratio"] {
+            let r = local[key].as_f64().unwrap();
+            assert!(r.is_finite() && r > 0.0, "{key} {r}");
+        }
+    }
+    for w in tg["workers"].as_array().unwrap() {
+        assert_eq!(w["round_trips"].as_u64(), Some(2 * 3 * n_layer as u64), "3 cluster tokens per repetition: {w}");
+        assert_eq!(w["round_trips_per_token"].as_f64(), Some(n_layer), "{w}");
+    }
+
+    let out = crate::util::moeshard(&args, Duration::from_secs(120));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let table = String::from_utf8(out.stdout).unwrap();
+    for line in
+        ["| CPU + 2 workers | 1 | tg6 |", "| CPU (local experts, interleaved) | 1 | tg6 |", "tg6: the cluster at "]
+    {
+        assert!(table.contains(line), "{line} missing from:\n{table}");
+    }
+    std::fs::remove_file(&placement).ok();
+
+    let out =
+        crate::util::moeshard(&["bench", "-m", file, "-p", "0", "-n", "2", "--compare-local"], Duration::from_secs(60));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--compare-local") && err.contains("needs workers"), "{err}");
+}

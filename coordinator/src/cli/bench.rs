@@ -1,11 +1,15 @@
 //! `moeshard bench`: llama-bench's prompt-processing and generation tests, with the weight bytes
-//! read per token against the machine's read bandwidth, and per-worker network figures.
+//! read per token against the machine's read bandwidth, and per-worker network figures. With
+//! `--compare-local`, each test also runs with every expert on this machine, interleaved with the
+//! cluster runs, for the cluster's speed as a ratio of the local one.
 
 use std::io::Write;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
+use moeshard_kernels::moe::Route;
 use moeshard_kernels::probe::{READ_PROBE_BYTES, read_bandwidth};
 use moeshard_protocol::control::WorkerStats;
 use rand::{Rng, SeedableRng};
@@ -18,6 +22,7 @@ use crate::bench::{MeanStd, RouteCounter, WeightBytes, ftype_name};
 use crate::cluster::{ClusterExperts, Counters};
 use crate::experts::{ExpertBackend, LocalExperts};
 use crate::model::Logits;
+use crate::model::Model;
 use crate::session::Session;
 
 /// Arguments of `moeshard bench`.
@@ -37,6 +42,12 @@ pub struct BenchArgs {
     /// Output format: a markdown table (md) or one JSON object (json).
     #[arg(short = 'o', long = "output", default_value = "md")]
     output: Format,
+    /// With workers: also run each test with every expert computed on this machine, interleaved
+    /// with the cluster (tgN alternates token by token, ppN repetition by repetition), and print
+    /// the cluster's speed as a ratio of the local one. Both halves then see the same moments of
+    /// a machine whose speed drifts, which separate runs do not.
+    #[arg(long)]
+    compare_local: bool,
 }
 
 /// `moeshard bench` output formats.
@@ -79,6 +90,23 @@ struct TestResult {
     /// `achieved_gbps / read_bandwidth_gbps`.
     bandwidth_share: f64,
     workers: Vec<WorkerTraffic>,
+    /// With `--compare-local`: the same test with every expert on this machine, interleaved.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    local: Option<LocalComparison>,
+}
+
+/// The local half of a `--compare-local` test.
+#[derive(Serialize)]
+struct LocalComparison {
+    /// Tokens per second of each repetition, every expert computed on this machine.
+    samples_ts: Vec<f64>,
+    ts: MeanStd,
+    /// Cluster tokens per second over local tokens per second, all repetitions together.
+    speed_ratio: f64,
+    /// Median over adjacent (local, cluster) pairs of local time over cluster time: tgN pairs
+    /// consecutive tokens, ppN the two runs of a repetition.
+    median_pair_ratio: f64,
+    pairs: usize,
 }
 
 /// One worker's traffic during a test's timed repetitions.
@@ -100,18 +128,85 @@ struct WorkerTraffic {
     compute_mean_ms: Option<f64>,
 }
 
+/// The cluster, or while `local` is set the experts of the mapped file on this machine
+/// (`--compare-local`). Both give the same sums (the workers compute the bytes the local kernels
+/// would quantize), so a sequence may switch between them token by token.
+struct Switched {
+    cluster: Arc<ClusterExperts>,
+    local_experts: LocalExperts,
+    local: AtomicBool,
+}
+
+impl Switched {
+    fn new(cluster: Arc<ClusterExperts>, model: Arc<Model>) -> Self {
+        Switched { cluster, local_experts: LocalExperts::new(model), local: AtomicBool::new(false) }
+    }
+
+    fn set_local(&self, local: bool) {
+        self.local.store(local, Ordering::Relaxed);
+    }
+}
+
+impl ExpertBackend for Switched {
+    fn moe_forward(&self, layer: usize, hidden: &[f32], routes: &[Route], out: &mut [f32]) -> anyhow::Result<()> {
+        if self.local.load(Ordering::Relaxed) {
+            self.local_experts.moe_forward(layer, hidden, routes, out)
+        } else {
+            self.cluster.moe_forward(layer, hidden, routes, out)
+        }
+    }
+}
+
+/// The forward calls of one timed run: each one's duration, and whether it ran locally.
+#[derive(Default)]
+struct Timing {
+    calls: Vec<(bool, Duration)>,
+}
+
+impl Timing {
+    /// Tokens processed and seconds spent in the calls of one mode (`local`), `per_call` tokens
+    /// each.
+    fn total(&self, local: bool, per_call: usize) -> (usize, f64) {
+        let calls = self.calls.iter().filter(|(l, _)| *l == local);
+        let (n, secs) = calls.fold((0, 0.0), |(n, s), (_, d)| (n + 1, s + d.as_secs_f64()));
+        (n * per_call, secs)
+    }
+}
+
+/// Which half of a `--compare-local` pair runs first: pair `i`'s local call comes first when `i`
+/// is even, so a drift within the run (the context growing, the machine slowing) favours neither.
+fn local_first(pair: usize) -> bool {
+    pair.is_multiple_of(2)
+}
+
+/// Median of `xs` (not empty).
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    if n % 2 == 1 { xs[n / 2] } else { (xs[n / 2 - 1] + xs[n / 2]) / 2.0 }
+}
+
 pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.repetitions > 0, "-r must be at least 1");
     anyhow::ensure!(args.n_prompt > 0 || args.n_gen > 0, "nothing to run: -p and -n are both 0");
     let mut model_args = args.model.clone();
     model_args.ctx_size.get_or_insert(args.n_prompt.max(args.n_gen));
     let Loaded { gguf, session, pool, cluster, .. } = load(&model_args)?;
+    anyhow::ensure!(
+        !args.compare_local || cluster.is_some(),
+        "--compare-local compares the cluster with this machine alone: it needs workers (--worker, or discovery)"
+    );
     let model = session.model().clone();
     let n_ctx = session.n_ctx();
     drop(session);
-    let backend: Arc<dyn ExpertBackend> = match &cluster {
-        Some(c) => c.clone(),
-        None => Arc::new(LocalExperts::new(model.clone())),
+    let switched = match &cluster {
+        Some(c) if args.compare_local => Some(Arc::new(Switched::new(c.clone(), model.clone()))),
+        _ => None,
+    };
+    let backend: Arc<dyn ExpertBackend> = match (&switched, &cluster) {
+        (Some(s), _) => s.clone(),
+        (None, Some(c)) => c.clone(),
+        (None, None) => Arc::new(LocalExperts::new(model.clone())),
     };
     let counter = Arc::new(RouteCounter::new(backend, model.config.n_layer));
     let mut session =
@@ -150,29 +245,79 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     for (kind, n_prompt, n_gen) in tests.into_iter().filter(|&(_, p, n)| p + n > 0) {
         let n = n_prompt + n_gen;
         let prompt = tokens(n);
-        // One batch of the whole prompt, or one token per forward call.
-        let run = |session: &mut Session, toks: &[u32]| -> anyhow::Result<Duration> {
+        // One batch of the whole prompt, or one token per forward call. `mode(i)` says whether
+        // call `i` runs locally (`--compare-local`); the calls are timed one by one.
+        let run = |session: &mut Session, toks: &[u32], mode: &dyn Fn(usize) -> bool| -> anyhow::Result<Timing> {
             session.clear();
-            let started = Instant::now();
-            if kind == "pp" {
-                pool.install(|| session.eval(toks, Logits::Last))?;
-            } else {
-                for t in toks {
-                    pool.install(|| session.eval(std::slice::from_ref(t), Logits::Last))?;
+            let calls: Vec<&[u32]> = if kind == "pp" { vec![toks] } else { toks.chunks(1).collect() };
+            let mut timing = Timing::default();
+            for (i, call) in calls.into_iter().enumerate() {
+                let local = mode(i);
+                if let Some(s) = &switched {
+                    s.set_local(local);
                 }
+                let started = Instant::now();
+                pool.install(|| session.eval(call, Logits::Last))?;
+                timing.calls.push((local, started.elapsed()));
             }
-            Ok(started.elapsed())
+            Ok(timing)
         };
-        run(&mut session, &prompt[..n.min(if kind == "pp" { 32 } else { 1 })])?;
+        let cluster_only = |_: usize| false;
+        run(&mut session, &prompt[..n.min(if kind == "pp" { 32 } else { 1 })], &cluster_only)?;
+        if switched.is_some() {
+            // Every expert this test routes to is then mapped here too, as after a single-node
+            // warm-up: the local half does not pay page faults the cluster half does not.
+            run(&mut session, &prompt, &|_| true)?;
+        }
         counter.take();
         let before = snapshots(cluster.as_deref());
+        let per_call = if kind == "pp" { n } else { 1 };
         let mut samples = Vec::with_capacity(args.repetitions);
-        for _ in 0..args.repetitions {
-            let secs = run(&mut session, &prompt)?.as_secs_f64();
-            samples.push(n as f64 / secs.max(1e-9));
+        let mut local_samples = Vec::new();
+        let mut pair_ratios = Vec::new();
+        let (mut cluster_totals, mut local_totals) = ((0, 0.0), (0, 0.0));
+        let mut cluster_calls = 0;
+        for rep in 0..args.repetitions {
+            if switched.is_none() {
+                let (tokens, secs) = run(&mut session, &prompt, &cluster_only)?.total(false, per_call);
+                samples.push(tokens as f64 / secs.max(1e-9));
+                cluster_calls += tokens / per_call;
+                continue;
+            }
+            // tgN: tokens 2i and 2i+1 are pair i; ppN: the repetition's two runs are a pair.
+            let mut timing = Timing::default();
+            if kind == "pp" {
+                for local in if local_first(rep) { [true, false] } else { [false, true] } {
+                    timing.calls.extend(run(&mut session, &prompt, &|_| local)?.calls);
+                }
+            } else {
+                timing = run(&mut session, &prompt, &|i| local_first(i / 2) == (i % 2 == 0))?;
+            }
+            for pair in timing.calls.chunks_exact(2) {
+                let (l, c) = if pair[0].0 { (pair[0].1, pair[1].1) } else { (pair[1].1, pair[0].1) };
+                pair_ratios.push(l.as_secs_f64() / c.as_secs_f64().max(1e-9));
+            }
+            let (c, l) = (timing.total(false, per_call), timing.total(true, per_call));
+            samples.push(c.0 as f64 / c.1.max(1e-9));
+            local_samples.push(l.0 as f64 / l.1.max(1e-9));
+            cluster_calls += c.0 / per_call;
+            cluster_totals = (cluster_totals.0 + c.0, cluster_totals.1 + c.1);
+            local_totals = (local_totals.0 + l.0, local_totals.1 + l.1);
         }
         let counts = counter.take();
         let ts = MeanStd::of(&samples);
+        let local = switched.is_some().then(|| {
+            let rate = |(tokens, secs): (usize, f64)| tokens as f64 / secs.max(1e-9);
+            LocalComparison {
+                ts: MeanStd::of(&local_samples),
+                speed_ratio: rate(cluster_totals) / rate(local_totals).max(1e-9),
+                pairs: pair_ratios.len(),
+                median_pair_ratio: median(pair_ratios),
+                samples_ts: local_samples,
+            }
+        });
+        // The workers served the cluster's calls only.
+        let cluster_tokens = (cluster_calls * per_call) as u64;
         let per_token = counts.bytes_read(&weights) as f64 / counts.tokens.max(1) as f64;
         let achieved = per_token * ts.mean / 1e9;
         let result = TestResult {
@@ -184,7 +329,8 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
             weight_bytes_per_token: per_token,
             achieved_gbps: achieved,
             bandwidth_share: achieved / read_bw,
-            workers: traffic(cluster.as_deref(), &before, counts.tokens),
+            workers: traffic(cluster.as_deref(), &before, cluster_tokens),
+            local,
         };
         if args.output == Format::Md {
             writeln!(
@@ -202,6 +348,23 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 achieved,
                 100.0 * result.bandwidth_share,
             )?;
+            if let Some(l) = &result.local {
+                let achieved = per_token * l.ts.mean / 1e9;
+                writeln!(
+                    out,
+                    "| {} | {:.2} GiB | {} | CPU (local experts, interleaved) | {} | {} | {:.2} ± {:.2} | {:.1} MB | {:.2} | {:.0}% |",
+                    report.model,
+                    report.size_bytes as f64 / f64::from(1u32 << 30),
+                    params_label(report.params),
+                    threads,
+                    result.test,
+                    l.ts.mean,
+                    l.ts.stddev,
+                    per_token / 1e6,
+                    achieved,
+                    100.0 * achieved / read_bw,
+                )?;
+            }
             out.flush()?;
         }
         report.tests.push(result);
@@ -217,6 +380,13 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 READ_PROBE_BYTES >> 20
             )?;
             for t in &report.tests {
+                if let Some(l) = &t.local {
+                    writeln!(
+                        out,
+                        "{}: the cluster at {:.3}x the local speed (all repetitions); median of {} paired ratios {:.3}x",
+                        t.test, l.speed_ratio, l.pairs, l.median_pair_ratio
+                    )?;
+                }
                 for w in &t.workers {
                     let compute = w.compute_mean_ms.map_or_else(String::new, |c| {
                         format!(" (worker compute {c:.3} ms, network and scheduling {:.3} ms)", w.rtt_mean_ms - c)
@@ -300,4 +470,33 @@ fn traffic(
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timing_totals_count_each_mode_apart() {
+        let ms = Duration::from_millis;
+        let t = Timing { calls: vec![(true, ms(10)), (false, ms(30)), (false, ms(20)), (true, ms(10))] };
+        assert_eq!(t.total(true, 1), (2, 0.02));
+        assert_eq!(t.total(false, 1).0, 2);
+        assert!((t.total(false, 1).1 - 0.05).abs() < 1e-12);
+        assert_eq!(t.total(false, 64).0, 128, "a ppN call counts N tokens");
+    }
+
+    #[test]
+    fn pairs_alternate_which_half_runs_first() {
+        let order: Vec<bool> = (0..8).map(|i| local_first(i / 2) == (i % 2 == 0)).collect();
+        assert_eq!(order, [true, false, false, true, true, false, false, true]);
+        assert_eq!(order.iter().filter(|l| **l).count(), 4, "half the tokens run locally");
+    }
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(vec![0.9]), 0.9);
+    }
 }
