@@ -242,3 +242,27 @@ fn synth_file_loads_and_bench_prints_a_table() {
     assert!(report["read_bandwidth_gbps"].as_f64().unwrap() > 0.0);
     std::fs::remove_file(&path).unwrap();
 }
+
+/// The first CPU this process may run on, from `/proc/self/status` (Linux).
+fn first_allowed_cpu() -> String {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let list = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).expect("Cpus_allowed_list");
+    list.trim().split([',', '-']).next().unwrap().to_owned()
+}
+
+#[test]
+fn pinned_compute_threads_give_the_same_tokens_and_absent_cpus_are_named() {
+    let path = model_path("tiny-mellum-q8_0");
+    let args = ["run", "-m", path.to_str().unwrap(), "-p", "def fib(n):", "-n", "6", "--temp", "0", "-t", "2"];
+    let free = moeshard(&args, TIMEOUT);
+    assert!(free.status.success(), "{}", stderr(&free));
+    let cpu = first_allowed_cpu();
+    let pinned = moeshard(&[&args[..], &["--cpus", &cpu]].concat(), TIMEOUT);
+    assert!(pinned.status.success(), "{}", stderr(&pinned));
+    assert_eq!(pinned.stdout, free.stdout, "two threads on CPU {cpu}: the same greedy tokens");
+
+    let absent = moeshard(&[&args[..], &["--cpus", "1023"]].concat(), TIMEOUT);
+    let err = stderr(&absent);
+    assert_eq!(absent.status.code(), Some(1), "exit code; stderr: {err}");
+    assert!(err.contains("--cpus") && err.contains("may not run on CPU 1023"), "{err}");
+}

@@ -4,6 +4,7 @@
 //! (see [`quant`]), f32 activations laid out row-major as `[n_tokens, n_embd]`. No file formats,
 //! no networking. Each kernel has a plain reference implementation in its tests.
 
+pub mod affinity;
 pub mod allocator;
 pub mod attention;
 pub mod matmul;

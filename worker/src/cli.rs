@@ -7,9 +7,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use moeshard_kernels::affinity::CpuList;
 use moeshard_protocol::auth::ClusterKey;
 
-use crate::sched::{CpuList, SchedPolicy};
+use crate::sched::SchedPolicy;
 
 /// The environment variable that may hold the cluster key.
 pub const KEY_ENV: &str = "MOESHARD_CLUSTER_KEY";

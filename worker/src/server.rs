@@ -28,7 +28,8 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
 pub fn run(settings: Settings) -> anyhow::Result<()> {
     // Before any thread is created: they all inherit both.
     if let Some(cpus) = &settings.cpus {
-        sched::pin(cpus).with_context(|| format!("cannot keep the worker on CPUs {cpus} (--cpus)"))?;
+        moeshard_kernels::affinity::pin(cpus)
+            .with_context(|| format!("cannot keep the worker on CPUs {cpus} (--cpus)"))?;
     }
     sched::apply(settings.sched).with_context(|| format!("cannot set the scheduling policy {:?}", settings.sched))?;
     // This thread is the pool's thread 0 and runs the single-threaded async runtime below: an

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
+use moeshard_kernels::affinity::pin_pool;
 
 use super::{ClusterArgs, ModelArgs};
 use crate::cluster::{Cluster, ClusterExperts, ClusterOptions, DeadlineBounds};
@@ -31,9 +32,15 @@ pub struct Loaded {
 }
 
 pub fn load(args: &ModelArgs) -> anyhow::Result<Loaded> {
-    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads = args.threads.unwrap_or_else(|| match &args.cpus {
+        Some(cpus) => cpus.cpus().len(),
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    });
     anyhow::ensure!(threads > 0, "-t must be at least 1");
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().context("building the thread pool")?;
+    if let Some(cpus) = &args.cpus {
+        pin_pool(&pool, cpus).with_context(|| format!("cannot put the compute threads on CPUs {cpus} (--cpus)"))?;
+    }
     let gguf = match args.no_mmap {
         true => Arc::new(GgufFile::read(&args.model)?),
         false => {

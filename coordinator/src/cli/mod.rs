@@ -47,9 +47,14 @@ pub struct ModelArgs {
     /// GGUF model file.
     #[arg(short = 'm', long = "model")]
     pub model: std::path::PathBuf,
-    /// Compute threads (default: all available cores).
+    /// Compute threads (default: one per `--cpus` CPU, else all available cores).
     #[arg(short = 't', long = "threads")]
     pub threads: Option<usize>,
+    /// Put each compute thread on its own CPU of this list, in order (`0-3`, `1,3`; taskset's
+    /// form; llama.cpp's `--cpu-strict 1`), e.g. to keep them off the CPUs of other programs
+    /// or of workers on the same machine.
+    #[arg(long = "cpus")]
+    pub cpus: Option<moeshard_kernels::affinity::CpuList>,
     /// Context size in tokens (default 4096, at most the model's training context).
     #[arg(short = 'c', long = "ctx-size")]
     pub ctx_size: Option<usize>,
