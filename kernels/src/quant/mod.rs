@@ -318,7 +318,8 @@ pub struct TiledColumns(
     #[cfg(not(target_arch = "x86_64"))] std::convert::Infallible,
 );
 
-/// Q8_0 activation rows prepared for a batch kernel ([`DotKernel::lane_columns`]).
+/// Activation rows (Q8_0, or Q8_K for Q3_K) prepared for a batch kernel
+/// ([`DotKernel::lane_columns`]).
 pub struct LaneColumns {
     n_cols: usize,
     #[cfg(target_arch = "x86_64")]
@@ -493,7 +494,7 @@ impl DotKernel {
     }
 
     /// Whether a product with `n_cols` columns takes [`Self::run_lanes`]: the type has a batch
-    /// kernel (Q4_0, Q5_0 on AVX2; Q4_0, Q5_0, Q8_0 on AVX-512 VNNI) and there are at least
+    /// kernel (Q4_0, Q5_0, Q3_K on AVX2; Q4_0, Q5_0, Q8_0 on AVX-512 VNNI) and there are at least
     /// [`TILED_MIN_COLS`] columns.
     pub fn takes_lanes(&self, n_cols: usize) -> bool {
         #[cfg(target_arch = "x86_64")]
@@ -510,8 +511,8 @@ impl DotKernel {
         self.check_columns(a);
         #[cfg(target_arch = "x86_64")]
         if let Some(kernel) = self.lanes.filter(|_| self.takes_lanes(a.len())) {
-            // SAFETY: columns of `n / 32` Q8_0 blocks (checked above); CPU support checked in
-            // `new`.
+            // SAFETY: columns of `n / block_size` blocks of the activation type (checked above);
+            // CPU support checked in `new`.
             let prepared = unsafe { (kernel.prepare)(a, self.n / self.ty.block_size()) };
             return Some(LaneColumns { n_cols: a.len(), prepared });
         }
@@ -535,7 +536,7 @@ impl DotKernel {
             let mut out = LANES_OUT.take();
             out.clear();
             out.resize(n_rows * n_cols, 0.0);
-            // SAFETY: whole rows of `n / 32` blocks (checked above), `cols` prepared by this
+            // SAFETY: whole rows of `n / block_size` blocks (checked above), `cols` prepared by this
             // kernel for rows of that length, `out` of `n_rows * n_cols` values; CPU support
             // checked in `new`.
             unsafe { (kernel.run)(w, n_rows, self.n / ty.block_size(), &cols.prepared, &mut out) }
@@ -828,15 +829,18 @@ mod tests {
         let cases = [
             (Isa::Avx2, GgmlType::Q4_0),
             (Isa::Avx2, GgmlType::Q5_0),
+            (Isa::Avx2, GgmlType::Q3_K),
             (Isa::Avx512Vnni, GgmlType::Q4_0),
             (Isa::Avx512Vnni, GgmlType::Q5_0),
             (Isa::Avx512Vnni, GgmlType::Q8_0),
         ];
         for (isa, ty) in cases.into_iter().filter(|(isa, _)| isa.supported()) {
-            for (n, n_rows, n_cols) in [(32 * 7, 1, 12), (896, 33, 40), (2304, 8, 13), (32 * 9, 17, 16)] {
-                let row_bytes = ty.row_bytes(n).unwrap();
+            let vt = ty.vec_dot_type();
+            for (n, n_rows, n_cols) in [(32 * 7, 1, 12), (896, 33, 40), (2304, 8, 13), (32 * 9, 17, 16), (256, 11, 21)]
+            {
+                let Some(row_bytes) = ty.row_bytes(n) else { continue };
                 let w: Vec<u8> = (0..n_rows).flat_map(|_| random_row(ty, n, &mut rng)).collect();
-                let cols = random_activation_rows(VecDotType::Q8_0, n, n_cols, &mut rng);
+                let cols = random_activation_rows(vt, n, n_cols, &mut rng);
                 let a: Vec<&[u8]> = cols.iter().map(Vec::as_slice).collect();
                 let kernel = DotKernel::new(isa, ty, n);
                 assert!(kernel.takes_lanes(n_cols) && !kernel.takes_lanes(TILED_MIN_COLS - 1));
@@ -855,7 +859,7 @@ mod tests {
                     );
                     let mut column = [0.0f32];
                     kernel.run(row, &a[c..c + 1], &mut column);
-                    let (mut wf, af) = (vec![0.0; n], dequantize_activations(VecDotType::Q8_0, a[c], n));
+                    let (mut wf, af) = (vec![0.0; n], dequantize_activations(vt, a[c], n));
                     ty.dequantize_row(row, &mut wf);
                     let abs: f64 = wf.iter().zip(&af).map(|(&w, &a)| f64::from(w * a).abs()).sum();
                     assert!(f64::from(v - column[0]).abs() <= 1e-5 * abs, "{ty} row {r} col {c}: {v} vs {}", column[0]);

@@ -19,7 +19,8 @@
 //! (`tiled.rs`: rows unpacked once per call, sixteen columns in the lanes of a vector), through
 //! [`run_tiled`] rather than [`RawKernel`]; such batches of Q4_0, Q5_0 and Q8_0 take
 //! [`LanesKernel`]s: on AVX-512 VNNI `tiled_legacy.rs` (sixteen columns in the lanes, as
-//! `tiled.rs`), on AVX2 `lanes.rs` (eight weight rows in the lanes; Q4_0 and Q5_0).
+//! `tiled.rs`), on AVX2 `lanes.rs` (eight weight rows in the lanes; Q4_0 and Q5_0), and so do
+//! such batches of Q3_K on AVX2 (`lanes_q3k.rs`, the same eight-row bands).
 //!
 //! Exactness: integer sums are exact everywhere; only the f32 summation order differs from the
 //! portable kernels. The column kernels accumulate scaled blocks in f32 lanes and sum across
@@ -30,6 +31,7 @@
 
 mod kquants;
 mod lanes;
+mod lanes_q3k;
 mod legacy;
 mod rows;
 pub(crate) mod tiled;
@@ -292,11 +294,12 @@ mod rows_entry {
     rows_entry!(q8_0, Q8_0);
 }
 
-/// A GEMM kernel of a 32-element type for batches of columns, bit-identical to the portable
-/// kernel: weight rows in the vector lanes on AVX2 (`lanes.rs`), activation columns in the
-/// lanes on AVX-512 VNNI (`tiled_legacy.rs`). `prepare` lays out a product's columns (Q8_0 rows
-/// of `n_blocks` blocks) once; `run` sets `out[r * n_cols + c] = dot(row r, column c)` for the
-/// `n_rows` rows of `w` (whole rows of `n_blocks` blocks, back to back).
+/// A GEMM kernel for batches of columns, bit-identical to the portable kernel: weight rows in
+/// the vector lanes on AVX2 (`lanes.rs` for Q4_0/Q5_0, `lanes_q3k.rs` for Q3_K), activation
+/// columns in the lanes on AVX-512 VNNI (`tiled_legacy.rs`). `prepare` lays out a product's
+/// columns (rows of `n_blocks` blocks of the type's activation type) once; `run` sets
+/// `out[r * n_cols + c] = dot(row r, column c)` for the `n_rows` rows of `w` (whole rows of
+/// `n_blocks` blocks, back to back).
 ///
 /// Safety of both: the lengths as stated, `cols` from this kernel's `prepare` with the same
 /// `n_blocks`, `out` `n_rows * n_cols` values, and the CPU supports the kernel's instruction set.
@@ -308,18 +311,21 @@ pub(super) struct LanesKernel {
 
 /// A product's columns prepared by a [`LanesKernel`].
 pub(super) enum LaneColumns {
-    /// For `lanes.rs` (AVX2).
+    /// For `lanes.rs` (AVX2: Q4_0, Q5_0).
     Lanes(lanes::Prepared),
     /// For `tiled_legacy.rs` (AVX-512 VNNI).
     Tiles(tiled_legacy::Columns),
+    /// For `lanes_q3k.rs` (AVX2).
+    Q3K(lanes_q3k::Prepared),
 }
 
-/// The batch kernel for weights of type `ty` on `isa`, where there is one: Q4_0, Q5_0 on AVX2;
+/// The batch kernel for weights of type `ty` on `isa`, where there is one: Q4_0, Q5_0, Q3_K on AVX2;
 /// Q4_0, Q5_0, Q8_0 on AVX-512 VNNI.
 pub(super) fn lanes_kernel(ty: GgmlType, isa: X86Isa) -> Option<LanesKernel> {
     match (isa, ty) {
         (X86Isa::Avx2, GgmlType::Q4_0) => Some(lanes_entry::Q4_0_AVX2),
         (X86Isa::Avx2, GgmlType::Q5_0) => Some(lanes_entry::Q5_0_AVX2),
+        (X86Isa::Avx2, GgmlType::Q3_K) => Some(lanes_entry::Q3_K_AVX2),
         (X86Isa::Avx512Vnni, GgmlType::Q4_0) => Some(lanes_entry::Q4_0_VNNI),
         (X86Isa::Avx512Vnni, GgmlType::Q5_0) => Some(lanes_entry::Q5_0_VNNI),
         (X86Isa::Avx512Vnni, GgmlType::Q8_0) => Some(lanes_entry::Q8_0_VNNI),
@@ -327,16 +333,18 @@ pub(super) fn lanes_kernel(ty: GgmlType, isa: X86Isa) -> Option<LanesKernel> {
     }
 }
 
-/// The compiled [`LanesKernel`]s: `lanes.rs` for AVX2, `tiled_legacy.rs` for AVX-512 VNNI.
+/// The compiled [`LanesKernel`]s: `lanes.rs` and `lanes_q3k.rs` for AVX2, `tiled_legacy.rs` for
+/// AVX-512 VNNI.
 mod lanes_entry {
     use super::lanes::{legacy_lanes, prepare_columns};
+    use super::lanes_q3k::{self, q3_k_lanes};
     use super::tiled_legacy::{lay_out_columns, legacy_tiled};
     use super::wide::{Q4_0, Q5_0, Q8_0};
     use super::{LaneColumns, LanesKernel};
 
     macro_rules! lanes_entry {
-        ($name:ident, $variant:ident, $prepare:expr, $kernel:ident, $ty:ident, $features:literal) => {
-            #[doc = concat!("`", stringify!($kernel), "` for ", stringify!($ty), ", built with ", $features, ".")]
+        ($name:ident, $variant:ident, $prepare:expr, $kernel:expr, $features:literal) => {
+            #[doc = concat!("`", stringify!($kernel), "`, built with ", $features, ".")]
             pub(super) const $name: LanesKernel = {
                 /// # Safety
                 /// See [`LanesKernel`].
@@ -350,7 +358,7 @@ mod lanes_entry {
                 #[target_feature(enable = $features)]
                 unsafe fn run(w: &[u8], n_rows: usize, nb: usize, cols: &LaneColumns, out: &mut [f32]) {
                     let LaneColumns::$variant(cols) = cols else { unreachable!("columns prepared by another kernel") };
-                    unsafe { $kernel::<$ty>(w, n_rows, nb, cols, out) }
+                    unsafe { $kernel(w, n_rows, nb, cols, out) }
                 }
 
                 LanesKernel { prepare, run }
@@ -358,30 +366,28 @@ mod lanes_entry {
         };
     }
 
-    lanes_entry!(Q4_0_AVX2, Lanes, prepare_columns, legacy_lanes, Q4_0, "avx2,fma,f16c");
-    lanes_entry!(Q5_0_AVX2, Lanes, prepare_columns, legacy_lanes, Q5_0, "avx2,fma,f16c");
+    lanes_entry!(Q4_0_AVX2, Lanes, prepare_columns, legacy_lanes::<Q4_0>, "avx2,fma,f16c");
+    lanes_entry!(Q5_0_AVX2, Lanes, prepare_columns, legacy_lanes::<Q5_0>, "avx2,fma,f16c");
+    lanes_entry!(Q3_K_AVX2, Q3K, lanes_q3k::prepare_columns, q3_k_lanes, "avx2,fma,f16c");
     lanes_entry!(
         Q4_0_VNNI,
         Tiles,
         lay_out_columns::<Q4_0>,
-        legacy_tiled,
-        Q4_0,
+        legacy_tiled::<Q4_0>,
         "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
     );
     lanes_entry!(
         Q5_0_VNNI,
         Tiles,
         lay_out_columns::<Q5_0>,
-        legacy_tiled,
-        Q5_0,
+        legacy_tiled::<Q5_0>,
         "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
     );
     lanes_entry!(
         Q8_0_VNNI,
         Tiles,
         lay_out_columns::<Q8_0>,
-        legacy_tiled,
-        Q8_0,
+        legacy_tiled::<Q8_0>,
         "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
     );
 }
