@@ -318,7 +318,7 @@ pub struct TiledColumns(
     #[cfg(not(target_arch = "x86_64"))] std::convert::Infallible,
 );
 
-/// Activation rows (Q8_0, or Q8_K for Q3_K) prepared for a batch kernel
+/// Activation rows (Q8_0, or Q8_K for Q3_K and Q4_K) prepared for a batch kernel
 /// ([`DotKernel::lane_columns`]).
 pub struct LaneColumns {
     n_cols: usize,
@@ -494,7 +494,7 @@ impl DotKernel {
     }
 
     /// Whether a product with `n_cols` columns takes [`Self::run_lanes`]: the type has a batch
-    /// kernel (Q4_0, Q5_0, Q3_K on AVX2; Q4_0, Q5_0, Q8_0 on AVX-512 VNNI) and there are at least
+    /// kernel (Q4_0, Q5_0, Q3_K, Q4_K on AVX2; Q4_0, Q5_0, Q8_0 on AVX-512 VNNI) and there are at least
     /// [`TILED_MIN_COLS`] columns.
     pub fn takes_lanes(&self, n_cols: usize) -> bool {
         #[cfg(target_arch = "x86_64")]
@@ -830,6 +830,7 @@ mod tests {
             (Isa::Avx2, GgmlType::Q4_0),
             (Isa::Avx2, GgmlType::Q5_0),
             (Isa::Avx2, GgmlType::Q3_K),
+            (Isa::Avx2, GgmlType::Q4_K),
             (Isa::Avx512Vnni, GgmlType::Q4_0),
             (Isa::Avx512Vnni, GgmlType::Q5_0),
             (Isa::Avx512Vnni, GgmlType::Q8_0),

@@ -20,7 +20,7 @@
 //! [`run_tiled`] rather than [`RawKernel`]; such batches of Q4_0, Q5_0 and Q8_0 take
 //! [`LanesKernel`]s: on AVX-512 VNNI `tiled_legacy.rs` (sixteen columns in the lanes, as
 //! `tiled.rs`), on AVX2 `lanes.rs` (eight weight rows in the lanes; Q4_0 and Q5_0), and so do
-//! such batches of Q3_K on AVX2 (`lanes_q3k.rs`, the same eight-row bands).
+//! such batches of Q3_K and Q4_K on AVX2 (`lanes_kquants.rs`, the same eight-row bands).
 //!
 //! Exactness: integer sums are exact everywhere; only the f32 summation order differs from the
 //! portable kernels. The column kernels accumulate scaled blocks in f32 lanes and sum across
@@ -31,7 +31,7 @@
 
 mod kquants;
 mod lanes;
-mod lanes_q3k;
+mod lanes_kquants;
 mod legacy;
 mod rows;
 pub(crate) mod tiled;
@@ -295,7 +295,7 @@ mod rows_entry {
 }
 
 /// A GEMM kernel for batches of columns, bit-identical to the portable kernel: weight rows in
-/// the vector lanes on AVX2 (`lanes.rs` for Q4_0/Q5_0, `lanes_q3k.rs` for Q3_K), activation
+/// the vector lanes on AVX2 (`lanes.rs` for Q4_0/Q5_0, `lanes_kquants.rs` for Q3_K and Q4_K), activation
 /// columns in the lanes on AVX-512 VNNI (`tiled_legacy.rs`). `prepare` lays out a product's
 /// columns (rows of `n_blocks` blocks of the type's activation type) once; `run` sets
 /// `out[r * n_cols + c] = dot(row r, column c)` for the `n_rows` rows of `w` (whole rows of
@@ -315,17 +315,18 @@ pub(super) enum LaneColumns {
     Lanes(lanes::Prepared),
     /// For `tiled_legacy.rs` (AVX-512 VNNI).
     Tiles(tiled_legacy::Columns),
-    /// For `lanes_q3k.rs` (AVX2).
-    Q3K(lanes_q3k::Prepared),
+    /// For `lanes_kquants.rs` (AVX2: Q3_K, Q4_K).
+    KQuants(lanes_kquants::Prepared),
 }
 
-/// The batch kernel for weights of type `ty` on `isa`, where there is one: Q4_0, Q5_0, Q3_K on AVX2;
+/// The batch kernel for weights of type `ty` on `isa`, where there is one: Q4_0, Q5_0, Q3_K, Q4_K on AVX2;
 /// Q4_0, Q5_0, Q8_0 on AVX-512 VNNI.
 pub(super) fn lanes_kernel(ty: GgmlType, isa: X86Isa) -> Option<LanesKernel> {
     match (isa, ty) {
         (X86Isa::Avx2, GgmlType::Q4_0) => Some(lanes_entry::Q4_0_AVX2),
         (X86Isa::Avx2, GgmlType::Q5_0) => Some(lanes_entry::Q5_0_AVX2),
         (X86Isa::Avx2, GgmlType::Q3_K) => Some(lanes_entry::Q3_K_AVX2),
+        (X86Isa::Avx2, GgmlType::Q4_K) => Some(lanes_entry::Q4_K_AVX2),
         (X86Isa::Avx512Vnni, GgmlType::Q4_0) => Some(lanes_entry::Q4_0_VNNI),
         (X86Isa::Avx512Vnni, GgmlType::Q5_0) => Some(lanes_entry::Q5_0_VNNI),
         (X86Isa::Avx512Vnni, GgmlType::Q8_0) => Some(lanes_entry::Q8_0_VNNI),
@@ -333,11 +334,11 @@ pub(super) fn lanes_kernel(ty: GgmlType, isa: X86Isa) -> Option<LanesKernel> {
     }
 }
 
-/// The compiled [`LanesKernel`]s: `lanes.rs` and `lanes_q3k.rs` for AVX2, `tiled_legacy.rs` for
+/// The compiled [`LanesKernel`]s: `lanes.rs` and `lanes_kquants.rs` for AVX2, `tiled_legacy.rs` for
 /// AVX-512 VNNI.
 mod lanes_entry {
     use super::lanes::{legacy_lanes, prepare_columns};
-    use super::lanes_q3k::{self, q3_k_lanes};
+    use super::lanes_kquants::{self, Q3K, Q4K, kquant_lanes};
     use super::tiled_legacy::{lay_out_columns, legacy_tiled};
     use super::wide::{Q4_0, Q5_0, Q8_0};
     use super::{LaneColumns, LanesKernel};
@@ -368,7 +369,8 @@ mod lanes_entry {
 
     lanes_entry!(Q4_0_AVX2, Lanes, prepare_columns, legacy_lanes::<Q4_0>, "avx2,fma,f16c");
     lanes_entry!(Q5_0_AVX2, Lanes, prepare_columns, legacy_lanes::<Q5_0>, "avx2,fma,f16c");
-    lanes_entry!(Q3_K_AVX2, Q3K, lanes_q3k::prepare_columns, q3_k_lanes, "avx2,fma,f16c");
+    lanes_entry!(Q3_K_AVX2, KQuants, lanes_kquants::prepare_columns::<Q3K>, kquant_lanes::<Q3K>, "avx2,fma,f16c");
+    lanes_entry!(Q4_K_AVX2, KQuants, lanes_kquants::prepare_columns::<Q4K>, kquant_lanes::<Q4K>, "avx2,fma,f16c");
     lanes_entry!(
         Q4_0_VNNI,
         Tiles,
