@@ -284,9 +284,11 @@ unsafe fn transpose_band<T: KLanes>(w: &[u8], row0: usize, n: usize, nb: usize, 
 }
 
 /// The columns `a` (Q8_K rows of `nb` super-blocks) prepared for [`kquant_lanes`] of `T`.
+/// Panics when a row is shorter than `nb` blocks.
 ///
 /// # Safety
-/// None beyond the lengths, which are checked: every `a[c]` must hold `nb` Q8_K blocks.
+/// None: the lengths are checked. `unsafe` only to share the signature of the other lanes
+/// kernels' `prepare`, which use intrinsics.
 pub(super) unsafe fn prepare_columns<T: KLanes>(a: &[&[u8]], nb: usize) -> Prepared {
     let mut cols = Prepared {
         n_cols: a.len(),
