@@ -196,6 +196,20 @@ unsafe fn band_columns<const TYPE: u8, const N: usize>(
     }
 }
 
+/// Stores lanes `0..n` of `v`, a band's results for column `c`, as rows `row0..row0 + n` of
+/// `out` (`[row][n_cols]`).
+///
+/// # Safety
+/// AVX.
+#[inline(always)]
+pub(super) unsafe fn store_band_column(out: &mut [f32], n_cols: usize, row0: usize, n: usize, c: usize, v: __m256) {
+    let mut values = [0.0f32; BAND_ROWS];
+    unsafe { _mm256_storeu_ps(values.as_mut_ptr(), v) };
+    for (r, &v) in values.iter().enumerate().take(n) {
+        out[(row0 + r) * n_cols + c] = v;
+    }
+}
+
 /// The columns `a` (Q8_0 rows of `nb` blocks) prepared for [`legacy_lanes`].
 ///
 /// # Safety
@@ -241,13 +255,7 @@ pub(super) unsafe fn legacy_lanes<const TYPE: u8>(
         for row0 in (0..n_rows).step_by(BAND_ROWS) {
             let n = BAND_ROWS.min(n_rows - row0);
             transpose_band::<TYPE>(w, row0, n, nb, &mut band);
-            let mut emit = |c: usize, v: __m256| {
-                let mut values = [0.0f32; BAND_ROWS];
-                _mm256_storeu_ps(values.as_mut_ptr(), v);
-                for (r, &v) in values.iter().enumerate().take(n) {
-                    out[(row0 + r) * n_cols + c] = v;
-                }
-            };
+            let mut emit = |c: usize, v: __m256| store_band_column(out, n_cols, row0, n, c, v);
             for c0 in (0..n_cols - n_cols % 2).step_by(2) {
                 let [v0, v1] = band_columns::<TYPE, 2>(&band, cols, c0, nb);
                 emit(c0, v0);

@@ -30,7 +30,7 @@ use std::cell::Cell;
 
 use super::super::kquants::{k4_scales_mins, q3_k_scales};
 use super::kquants::{Q8_K_BSUMS, Q8_K_BYTES, Q8_K_QS};
-use super::lanes::{BAND_ROWS, transpose8};
+use super::lanes::{BAND_ROWS, store_band_column, transpose8};
 use super::load;
 
 /// A k-quant type with a lanes kernel: how a band of its rows unpacks, how a column's block
@@ -326,13 +326,7 @@ pub(super) unsafe fn kquant_lanes<T: KLanes>(w: &[u8], n_rows: usize, nb: usize,
         for row0 in (0..n_rows).step_by(BAND_ROWS) {
             let n = BAND_ROWS.min(n_rows - row0);
             transpose_band::<T>(w, row0, n, nb, &mut band);
-            let mut emit = |c: usize, v: __m256| {
-                let mut values = [0.0f32; BAND_ROWS];
-                _mm256_storeu_ps(values.as_mut_ptr(), v);
-                for (r, &v) in values.iter().enumerate().take(n) {
-                    out[(row0 + r) * n_cols + c] = v;
-                }
-            };
+            let mut emit = |c: usize, v: __m256| store_band_column(out, n_cols, row0, n, c, v);
             let mut c0 = 0;
             while c0 + 4 <= n_cols {
                 for (c, v) in T::band_columns::<4>(&band, cols, c0, nb).into_iter().enumerate() {
