@@ -295,9 +295,9 @@ mod rows_entry {
 }
 
 /// A GEMM kernel for batches of columns, bit-identical to the portable kernel: weight rows in
-/// the vector lanes on AVX2 (`lanes.rs` for Q4_0/Q5_0, `lanes_kquants.rs` for Q3_K and Q4_K), activation
-/// columns in the lanes on AVX-512 VNNI (`tiled_legacy.rs`). `prepare` lays out a product's
-/// columns (rows of `n_blocks` blocks of the type's activation type) once; `run` sets
+/// the vector lanes on AVX2 (`lanes.rs` for Q4_0/Q5_0, `lanes_kquants.rs` for Q3_K and Q4_K),
+/// activation columns in the lanes on AVX-512 VNNI (`tiled_legacy.rs`). `prepare` lays out a
+/// product's columns (rows of `n_blocks` blocks of the type's activation type) once; `run` sets
 /// `out[r * n_cols + c] = dot(row r, column c)` for the `n_rows` rows of `w` (whole rows of
 /// `n_blocks` blocks, back to back).
 ///
@@ -319,8 +319,8 @@ pub(super) enum LaneColumns {
     KQuants(lanes_kquants::Prepared),
 }
 
-/// The batch kernel for weights of type `ty` on `isa`, where there is one: Q4_0, Q5_0, Q3_K, Q4_K on AVX2;
-/// Q4_0, Q5_0, Q8_0 on AVX-512 VNNI.
+/// The batch kernel for weights of type `ty` on `isa`, where there is one: Q4_0, Q5_0, Q3_K,
+/// Q4_K on AVX2; Q4_0, Q5_0, Q8_0 on AVX-512 VNNI.
 pub(super) fn lanes_kernel(ty: GgmlType, isa: X86Isa) -> Option<LanesKernel> {
     match (isa, ty) {
         (X86Isa::Avx2, GgmlType::Q4_0) => Some(lanes_entry::Q4_0_AVX2),
@@ -334,8 +334,8 @@ pub(super) fn lanes_kernel(ty: GgmlType, isa: X86Isa) -> Option<LanesKernel> {
     }
 }
 
-/// The compiled [`LanesKernel`]s: `lanes.rs` and `lanes_kquants.rs` for AVX2, `tiled_legacy.rs` for
-/// AVX-512 VNNI.
+/// The compiled [`LanesKernel`]s: `lanes.rs` and `lanes_kquants.rs` for AVX2,
+/// `tiled_legacy.rs` for AVX-512 VNNI.
 mod lanes_entry {
     use super::lanes::{legacy_lanes, prepare_columns};
     use super::lanes_kquants::{self, Q3K, Q4K, kquant_lanes};
