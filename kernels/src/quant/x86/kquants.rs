@@ -237,6 +237,21 @@ pub(super) unsafe fn q2_k<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, o
     }
 }
 
+/// Group `g` (elements `32g..32g + 32`, 0..8) of a Q3_K super-block as `u = q + 4`, one byte
+/// each: the 2 low bits from `qv` (the block's quant bytes `32 * (g / 4)..` loaded), the high bit
+/// from `hm` (its 32 `hmask` bytes).
+///
+/// # Safety
+/// AVX2.
+#[inline(always)]
+pub(super) unsafe fn q3_k_codes(qv: __m256i, hm: __m256i, g: usize) -> __m256i {
+    unsafe {
+        let low = _mm256_and_si256(_mm256_srl_epi16(qv, _mm_cvtsi32_si128(2 * (g % 4) as i32)), _mm256_set1_epi8(3));
+        let high = _mm256_and_si256(_mm256_srl_epi16(hm, _mm_cvtsi32_si128(g as i32)), _mm256_set1_epi8(1));
+        _mm256_or_si256(low, _mm256_slli_epi16::<2>(high))
+    }
+}
+
 /// Q3_K (110-byte blocks: 32 bytes of `hmask`, 64 of 2-bit quants, 12 of scales, `d`):
 /// `u = q + 4` (2 low bits, high bit from `hmask`); per block
 /// `d * ad * (sum(sc * u * a) - 4 * sum(sc * bsum))`.
@@ -247,7 +262,6 @@ pub(super) unsafe fn q2_k<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, o
 pub(super) unsafe fn q3_k<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, out: &mut [f32; C]) {
     unsafe {
         let mut total = Acc::<C>::new();
-        let (low2, one) = (_mm256_set1_epi8(3), _mm256_set1_epi8(1));
         for i in 0..nb {
             let b = w.as_ptr().add(i * 110);
             prefetch_ahead(b, 110);
@@ -259,10 +273,7 @@ pub(super) unsafe fn q3_k<const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, o
                 let qv = load(b.add(32 + 32 * h));
                 for j in 0..4 {
                     let g = 4 * h + j;
-                    let low = _mm256_and_si256(_mm256_srl_epi16(qv, _mm_cvtsi32_si128(2 * j as i32)), low2);
-                    let high = _mm256_and_si256(_mm256_srl_epi16(hm, _mm_cvtsi32_si128(g as i32)), one);
-                    let u = _mm256_or_si256(low, _mm256_slli_epi16::<2>(high));
-                    add_group(&mut isum, a, i, g, u, sub16_scales(&halves, g));
+                    add_group(&mut isum, a, i, g, q3_k_codes(qv, hm, g), sub16_scales(&halves, g));
                 }
             }
             total.add_offset::<2>(a, i, &isum, s16, f16_splat(b.add(108)));

@@ -29,7 +29,7 @@ use std::arch::x86_64::*;
 use std::cell::Cell;
 
 use super::super::kquants::{k4_scales_mins, q3_k_scales};
-use super::kquants::{Q8_K_BSUMS, Q8_K_BYTES, Q8_K_QS};
+use super::kquants::{Q8_K_BSUMS, Q8_K_BYTES, Q8_K_QS, q3_k_codes};
 use super::lanes::{BAND_ROWS, store_band_column, transpose8};
 use super::load;
 
@@ -77,13 +77,7 @@ impl KLanes for Q3K {
 
     #[inline(always)]
     unsafe fn group_codes(b: *const u8, g: usize) -> __m256i {
-        unsafe {
-            let qv = load(b.add(32 + 32 * (g / 4)));
-            let low =
-                _mm256_and_si256(_mm256_srl_epi16(qv, _mm_cvtsi32_si128(2 * (g % 4) as i32)), _mm256_set1_epi8(3));
-            let high = _mm256_and_si256(_mm256_srl_epi16(load(b), _mm_cvtsi32_si128(g as i32)), _mm256_set1_epi8(1));
-            _mm256_or_si256(low, _mm256_slli_epi16::<2>(high))
-        }
+        unsafe { q3_k_codes(load(b.add(32 + 32 * (g / 4))), load(b), g) }
     }
 
     fn row_params(b: &[u8], scales: &mut [i32; 16], _mins: &mut [i32; 4]) -> (u16, u16) {
