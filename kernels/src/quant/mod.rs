@@ -353,9 +353,6 @@ pub struct DotKernel {
     a_bytes: usize,
     #[cfg(target_arch = "x86_64")]
     simd: Option<x86::RawKernel>,
-    /// The several-rows kernel, where the type has one; it then serves every call.
-    #[cfg(target_arch = "x86_64")]
-    simd_rows: Option<x86::RowsKernel>,
     /// The tiled kernel for batches of [`TILED_MIN_COLS`] columns or more, where the type has one.
     #[cfg(target_arch = "x86_64")]
     tiled: Option<x86::TiledKernel>,
@@ -386,8 +383,6 @@ impl DotKernel {
             #[cfg(target_arch = "x86_64")]
             simd: isa.x86().and_then(|x86| x86::kernel(ty, x86)),
             #[cfg(target_arch = "x86_64")]
-            simd_rows: isa.x86().and_then(|x86| x86::rows_kernel(ty, x86)),
-            #[cfg(target_arch = "x86_64")]
             tiled: isa.x86().and_then(|x86| x86::tiled_kernel(ty, x86)),
             #[cfg(target_arch = "x86_64")]
             lanes: isa.x86().and_then(|x86| x86::lanes_kernel(ty, x86)),
@@ -403,21 +398,12 @@ impl DotKernel {
         assert_eq!(a.len(), out.len(), "one output per activation row");
         self.check_columns(a);
         #[cfg(target_arch = "x86_64")]
-        if let Some(kernel) = self.simd_rows {
-            for (a, out) in a.chunks(MAX_COLS).zip(out.chunks_mut(MAX_COLS)) {
-                // SAFETY: one whole row and the columns checked above, at most MAX_COLS of them;
-                // CPU support checked in `new`.
-                unsafe { kernel(w, 1, a, self.n / ty.block_size(), out) };
-            }
-            return;
-        }
-        #[cfg(target_arch = "x86_64")]
         if let Some(kernel) = self.simd {
             let n_blocks = self.n / ty.block_size();
             for (a, out) in a.chunks(MAX_COLS).zip(out.chunks_mut(MAX_COLS)) {
-                // SAFETY: lengths checked above (`n_blocks` blocks in `w` and in every `a[c]`, at
-                // most MAX_COLS columns); CPU support checked in `new`.
-                unsafe { kernel(w, a, n_blocks, out) };
+                // SAFETY: one whole row of `n_blocks` blocks and as many in every `a[c]` (checked
+                // above), at most MAX_COLS columns; CPU support checked in `new`.
+                unsafe { kernel(w, 1, a, n_blocks, out) };
             }
             return;
         }
@@ -438,16 +424,15 @@ impl DotKernel {
         assert!(a.len() <= MAX_COLS, "at most {MAX_COLS} activation rows per call");
         assert_eq!(out.len(), n_rows * a.len(), "one output per weight row and activation row");
         self.check_columns(a);
-        #[cfg(target_arch = "x86_64")]
-        if let Some(kernel) = self.simd_rows {
-            if !a.is_empty() {
-                // SAFETY: lengths checked above (`n_rows` rows of `n / 32` blocks, every `a[c]`
-                // as many Q8_0 blocks, 1..=MAX_COLS columns); CPU support checked in `new`.
-                unsafe { kernel(w, n_rows, a, self.n / ty.block_size(), out) };
-            }
+        if a.is_empty() || n_rows == 0 {
             return;
         }
-        if a.is_empty() {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(kernel) = self.simd {
+            // SAFETY: lengths checked above (`n_rows >= 1` rows of `n / block_size` blocks, every
+            // `a[c]` as many activation blocks, 1..=MAX_COLS columns); CPU support checked in
+            // `new`.
+            unsafe { kernel(w, n_rows, a, self.n / ty.block_size(), out) };
             return;
         }
         for (row, out) in w.chunks_exact(self.w_bytes).zip(out.chunks_exact_mut(a.len())) {

@@ -1,9 +1,11 @@
 //! x86-64 SIMD dot products of quantized weight rows with quantized activation rows.
 //!
-//! Every kernel multiplies ONE weight row with `C` activation rows (`C` = 1..=[`MAX_COLS`]) so
-//! that a weight block is loaded and unpacked once for all of them (the GEMM of prefill and of
-//! batched decoding); with `C = 1` it is the GEMV of single-token decoding. The arithmetic of
-//! each column is the same whatever `C`, so a token's result does not depend on its batch.
+//! Every kernel body multiplies ONE weight row with `C` activation rows (`C` = 1..=[`MAX_COLS`])
+//! so that a weight block is loaded and unpacked once for all of them (the GEMM of prefill and
+//! of batched decoding); with `C = 1` it is the GEMV of single-token decoding. The arithmetic of
+//! each column is the same whatever `C`, so a token's result does not depend on its batch. The
+//! compiled entry points ([`RawKernel`]) run a body over a run of rows, so a matrix's rows share
+//! one call.
 //!
 //! The 256-bit legacy kernels (`legacy.rs`) are written once, generic over [`Dot`], the
 //! `u8 x i8 -> i32` multiply-add of four byte pairs per lane: AVX2's `vpmaddubsw` + `vpmaddwd`
@@ -134,17 +136,24 @@ impl X86Isa {
     }
 }
 
-/// A multi-column kernel after the length checks: `(w, a, n_blocks, out)`, `a.len() ==
-/// out.len()` in `1..=super::MAX_COLS`.
+/// A kernel over several weight rows after the length checks: `(w, n_rows, a, n_blocks, out)`,
+/// `w` the rows back to back, `out[r * a.len() + c]` row `r` times `a[c]`, `a.len()` in
+/// `1..=super::MAX_COLS`. The loop over the rows runs inside the compiled function, so a
+/// matrix's rows pay one call, one column dispatch and one setup of the kernel's constants
+/// between them, not one per row (on AVX2 that per-row toll was about 4% of decoding).
 ///
 /// # Safety
-/// `w` holds `n_blocks` weight blocks, every `a[c]` `n_blocks` activation blocks of the weight
-/// type's vec-dot type (for Q8_K, `n_blocks` is counted in 256-element super-blocks), and the CPU
-/// supports the kernel's instruction set.
-pub(super) type RawKernel = unsafe fn(w: &[u8], a: &[&[u8]], n_blocks: usize, out: &mut [f32]);
+/// `n_rows >= 1`; `w` holds `n_rows` rows of `n_blocks` weight blocks, every `a[c]` `n_blocks`
+/// activation blocks of the weight type's vec-dot type (for Q8_K, `n_blocks` is counted in
+/// 256-element super-blocks), `out` `n_rows * a.len()` values, and the CPU supports the
+/// kernel's instruction set.
+pub(super) type RawKernel = unsafe fn(w: &[u8], n_rows: usize, a: &[&[u8]], n_blocks: usize, out: &mut [f32]);
 
 /// The kernel for weights of type `ty` compiled for `isa`; `None` for the float types, which
-/// have no SIMD kernel here.
+/// have no SIMD kernel here. Q4_0, Q5_0 and Q8_0 on AVX-512 VNNI take the several-rows kernels
+/// of `rows.rs` (the activations prepared once per call for all its rows); a single row goes
+/// through the same kernel, so that every dot product of such a matrix takes the same
+/// arithmetic.
 pub(super) fn kernel(ty: GgmlType, isa: X86Isa) -> Option<RawKernel> {
     macro_rules! pick {
         ($f:ident) => {
@@ -154,25 +163,29 @@ pub(super) fn kernel(ty: GgmlType, isa: X86Isa) -> Option<RawKernel> {
             }
         };
     }
-    Some(match ty {
-        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => return None,
-        GgmlType::Q2_K => pick!(q2_k),
-        GgmlType::Q3_K => pick!(q3_k),
-        GgmlType::Q4_K => pick!(q4_k),
-        GgmlType::Q5_K => pick!(q5_k),
-        GgmlType::Q6_K => pick!(q6_k),
-        GgmlType::Q4_0 => pick!(q4_0),
-        GgmlType::Q4_1 => pick!(q4_1),
-        GgmlType::Q5_0 => pick!(q5_0),
-        GgmlType::Q5_1 => pick!(q5_1),
-        GgmlType::Q8_0 => pick!(q8_0),
+    Some(match (ty, isa) {
+        (GgmlType::F32 | GgmlType::F16 | GgmlType::BF16, _) => return None,
+        (GgmlType::Q4_0, X86Isa::Avx512Vnni) => rows_entry::q4_0,
+        (GgmlType::Q5_0, X86Isa::Avx512Vnni) => rows_entry::q5_0,
+        (GgmlType::Q8_0, X86Isa::Avx512Vnni) => rows_entry::q8_0,
+        (GgmlType::Q2_K, _) => pick!(q2_k),
+        (GgmlType::Q3_K, _) => pick!(q3_k),
+        (GgmlType::Q4_K, _) => pick!(q4_k),
+        (GgmlType::Q5_K, _) => pick!(q5_k),
+        (GgmlType::Q6_K, _) => pick!(q6_k),
+        (GgmlType::Q4_0, _) => pick!(q4_0),
+        (GgmlType::Q4_1, _) => pick!(q4_1),
+        (GgmlType::Q5_0, _) => pick!(q5_0),
+        (GgmlType::Q5_1, _) => pick!(q5_1),
+        (GgmlType::Q8_0, _) => pick!(q8_0),
     })
 }
 
-/// Defines module `$name` with the two compiled entry points of a kernel, each dispatching on
-/// the column count: `avx2` and `vnni` (compiled for AVX-512 VNNI). A legacy body is generic
-/// over [`Dot`] (`unsafe fn body<D: Dot, const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize,
-/// out: &mut [f32; C])`) and built with [`Avx2`] and [`Vnni`]; a k-quant body (`body<const C:
+/// Defines module `$name` with the two compiled entry points of a kernel ([`RawKernel`]s),
+/// each dispatching on the column count once and then running the body over every row:
+/// `avx2` and `vnni` (compiled for AVX-512 VNNI). A legacy body is generic over [`Dot`]
+/// (`unsafe fn body<D: Dot, const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, out: &mut
+/// [f32; C])`, one row) and built with [`Avx2`] and [`Vnni`]; a k-quant body (`body<const C:
 /// usize>`, AVX2 instructions only) serves both builds, unless a 512-bit body replaces it in the
 /// `vnni` one (`wide`).
 macro_rules! entry_points {
@@ -194,8 +207,8 @@ macro_rules! entry_points {
             /// # Safety
             /// See [`RawKernel`].
             #[target_feature(enable = "avx2,fma,f16c")]
-            pub(super) unsafe fn avx2(w: &[u8], a: &[&[u8]], nb: usize, out: &mut [f32]) {
-                unsafe { dispatch_cols!($am::$abody, [$($ag)?], w, a, nb, out) }
+            pub(super) unsafe fn avx2(w: &[u8], n_rows: usize, a: &[&[u8]], nb: usize, out: &mut [f32]) {
+                unsafe { dispatch_cols!($am::$abody, [$($ag)?], w, n_rows, a, nb, out) }
             }
 
             /// AVX-512 VNNI build.
@@ -203,28 +216,39 @@ macro_rules! entry_points {
             /// # Safety
             /// See [`RawKernel`].
             #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-            pub(super) unsafe fn vnni(w: &[u8], a: &[&[u8]], nb: usize, out: &mut [f32]) {
-                unsafe { dispatch_cols!($vm::$vbody, [$($vg)?], w, a, nb, out) }
+            pub(super) unsafe fn vnni(w: &[u8], n_rows: usize, a: &[&[u8]], nb: usize, out: &mut [f32]) {
+                unsafe { dispatch_cols!($vm::$vbody, [$($vg)?], w, n_rows, a, nb, out) }
             }
         }
     };
 }
 
-/// Calls `$module::$body::<$generics.., C>` with `C = a.len()`.
+/// Runs `$module::$body::<$generics.., C>` (`C = a.len()`, chosen once) on each of the
+/// `$n_rows` rows of `$w`, row `r`'s results into `$out[r * C..]`.
 macro_rules! dispatch_cols {
-    ($module:ident :: $body:ident, [$($g:ty)?], $w:expr, $a:expr, $nb:expr, $out:expr) => {
+    ($module:ident :: $body:ident, [$($g:ty)?], $w:expr, $n_rows:expr, $a:expr, $nb:expr, $out:expr) => {
         match $a.len() {
-            1 => $module::$body::<$($g,)? 1>($w, $a.try_into().unwrap(), $nb, $out.try_into().unwrap()),
-            2 => $module::$body::<$($g,)? 2>($w, $a.try_into().unwrap(), $nb, $out.try_into().unwrap()),
-            3 => $module::$body::<$($g,)? 3>($w, $a.try_into().unwrap(), $nb, $out.try_into().unwrap()),
-            4 => $module::$body::<$($g,)? 4>($w, $a.try_into().unwrap(), $nb, $out.try_into().unwrap()),
-            5 => $module::$body::<$($g,)? 5>($w, $a.try_into().unwrap(), $nb, $out.try_into().unwrap()),
-            6 => $module::$body::<$($g,)? 6>($w, $a.try_into().unwrap(), $nb, $out.try_into().unwrap()),
-            7 => $module::$body::<$($g,)? 7>($w, $a.try_into().unwrap(), $nb, $out.try_into().unwrap()),
-            8 => $module::$body::<$($g,)? 8>($w, $a.try_into().unwrap(), $nb, $out.try_into().unwrap()),
+            1 => each_row!($module::$body, [$($g)?], 1, $w, $n_rows, $a, $nb, $out),
+            2 => each_row!($module::$body, [$($g)?], 2, $w, $n_rows, $a, $nb, $out),
+            3 => each_row!($module::$body, [$($g)?], 3, $w, $n_rows, $a, $nb, $out),
+            4 => each_row!($module::$body, [$($g)?], 4, $w, $n_rows, $a, $nb, $out),
+            5 => each_row!($module::$body, [$($g)?], 5, $w, $n_rows, $a, $nb, $out),
+            6 => each_row!($module::$body, [$($g)?], 6, $w, $n_rows, $a, $nb, $out),
+            7 => each_row!($module::$body, [$($g)?], 7, $w, $n_rows, $a, $nb, $out),
+            8 => each_row!($module::$body, [$($g)?], 8, $w, $n_rows, $a, $nb, $out),
             n => unreachable!("{n} columns"),
         }
     };
+}
+
+/// One arm of [`dispatch_cols`]: the body with `$c` columns over every row.
+macro_rules! each_row {
+    ($module:ident :: $body:ident, [$($g:ty)?], $c:literal, $w:expr, $n_rows:expr, $a:expr, $nb:expr, $out:expr) => {{
+        let a: &[&[u8]; $c] = $a.try_into().unwrap();
+        for (row, out) in $w.chunks_exact($w.len() / $n_rows).zip($out.chunks_exact_mut($c)) {
+            $module::$body::<$($g,)? $c>(row, a, $nb, out.try_into().unwrap());
+        }
+    }};
 }
 
 entry_points!(q2_k, kquants::q2_k);
@@ -238,28 +262,7 @@ entry_points!(q5_0, legacy::q5_0);
 entry_points!(q5_1, legacy::q5_1);
 entry_points!(q8_0, legacy::q8_0);
 
-/// A kernel over several weight rows after the length checks: `(w, n_rows, a, n_blocks, out)`,
-/// `w` the rows back to back, `out[r * a.len() + c]` row `r` times `a[c]`, `a.len()` in
-/// `1..=super::MAX_COLS`.
-///
-/// # Safety
-/// `w` holds `n_rows` rows of `n_blocks` weight blocks, every `a[c]` `n_blocks` Q8_0 blocks,
-/// `out` `n_rows * a.len()` values, and the CPU supports AVX-512 VNNI.
-pub(super) type RowsKernel = unsafe fn(w: &[u8], n_rows: usize, a: &[&[u8]], n_blocks: usize, out: &mut [f32]);
-
-/// The several-rows kernel for weights of type `ty` on `isa`, where there is one (Q4_0, Q5_0,
-/// Q8_0 on AVX-512 VNNI: `rows.rs`); it then serves single rows too, so that every dot product
-/// of such a matrix takes the same arithmetic.
-pub(super) fn rows_kernel(ty: GgmlType, isa: X86Isa) -> Option<RowsKernel> {
-    match (isa, ty) {
-        (X86Isa::Avx512Vnni, GgmlType::Q4_0) => Some(rows_entry::q4_0),
-        (X86Isa::Avx512Vnni, GgmlType::Q5_0) => Some(rows_entry::q5_0),
-        (X86Isa::Avx512Vnni, GgmlType::Q8_0) => Some(rows_entry::q8_0),
-        _ => None,
-    }
-}
-
-/// The compiled [`RowsKernel`]s, dispatching on the column count.
+/// The several-rows [`RawKernel`]s of `rows.rs` (AVX-512 VNNI), dispatching on the column count.
 mod rows_entry {
     use super::rows::legacy_rows;
     use super::wide::{Q4_0, Q5_0, Q8_0};
@@ -269,7 +272,7 @@ mod rows_entry {
             /// AVX-512 VNNI build of [`legacy_rows`] for this type.
             ///
             /// # Safety
-            /// See [`super::RowsKernel`].
+            /// See [`super::RawKernel`].
             #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
             pub(super) unsafe fn $name(w: &[u8], n_rows: usize, a: &[&[u8]], nb: usize, out: &mut [f32]) {
                 unsafe {
