@@ -4,13 +4,17 @@
 //! Block layouts are those documented in `quant/legacy.rs`. Per block and column, the exact
 //! integer sum (eight i32 lanes of `dpbusd`) is converted to f32 and accumulated as
 //! `acc += (d_w * d_a) * sum` in eight lanes, summed across lanes at the end of the row, as
-//! ggml's AVX2 kernels do. Signed weights (`q - 8`, `q - 16`, Q8_0) enter `dpbusd` as `|w|` with
-//! the activation's sign flipped where `w < 0`.
+//! ggml's AVX2 kernels do. Q8_0's signed weights enter `dpbusd` as `|w|` with the activation's
+//! sign flipped where `w < 0`. Q4_0 and Q5_0 (`q - 8`, `q - 16`) on AVX2 enter as their unsigned
+//! codes, the offset taken off through the activations once per call ([`offset_rows`]); the
+//! AVX-512 VNNI build takes them in `rows.rs`.
 
 use std::arch::x86_64::*;
 
 use super::wide::{Q4_0, Q5_0, Q8_0, legacy_block_bytes, offset_shift};
-use super::{Dot, f16_at, f16_splat, hsum_f32, load, prefetch_ahead};
+use std::cell::Cell;
+
+use super::{Avx2, Dot, f16_at, f16_splat, hsum_f32, load, prefetch_ahead};
 
 /// Bytes of a `block_q8_0` (`d` at 0, quants at 2) and a `block_q8_1` (`d`, `s`, quants at 4).
 pub(super) const Q8_0_BYTES: usize = 34;
@@ -163,22 +167,85 @@ unsafe fn affine_q8_1<D: Dot, const C: usize>(
     }
 }
 
-/// Q4_0 (18 bytes: `d`, 16 bytes of nibbles): `w = q - 8`.
-///
-/// # Safety
-/// See `RawKernel` in the parent module.
-#[inline(always)]
-pub(super) unsafe fn q4_0<D: Dot, const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, out: &mut [f32; C]) {
-    unsafe { signed_q8_0::<D, Q4_0, C>(w, a, nb, out) }
+thread_local! {
+    /// Each thread's columns prepared by [`offset_rows`]: per column and block, `vpmaddubsw` of
+    /// the weights' offset with the activations (sixteen i16), and the activation scale as f32.
+    static OFFSET_COLUMNS: Cell<(Vec<__m256i>, Vec<f32>)> = const { Cell::new((Vec::new(), Vec::new())) };
 }
 
-/// Q5_0 (22 bytes: `d`, `qh`, 16 bytes of nibbles): `w = q - 16`.
+/// `out[r * C + c] = dot(row r, a[c])` for `n_rows` rows of `nb` Q4_0 or Q5_0 blocks (`TYPE`, a
+/// `wide` type tag) and Q8_0 activations, on AVX2 only.
+///
+/// The weights enter `vpmaddubsw` as their unsigned codes `u = q + m` (`m` = 8 or 16,
+/// [`offset_shift`]), and the offset comes off each i16 pair through `vpmaddubsw(m, a)`, which
+/// depends on the activations alone: it is computed once per call for every column and block
+/// (with `d_a` as f32), then read by every row. Each pair is `u0 a0 + u1 a1 - m (a0 + a1)`, that
+/// is `q0 a0 + q1 a1`, exactly the pair of the sign trick (`vpmaddubsw(|w|, sign(a, w))`) that
+/// [`signed_q8_0`] uses for Q8_0 (all within i16: `|u a| <= 31 * 128`), so the lanes, and the f32
+/// operations after them, are those of that kernel: three operations fewer per block.
 ///
 /// # Safety
-/// See `RawKernel` in the parent module.
+/// `n_rows >= 1`; `w` holds `n_rows` rows of `nb` blocks, every `a[c]` `nb` Q8_0 blocks, `out`
+/// `n_rows * C` values; AVX2, FMA, F16C.
 #[inline(always)]
-pub(super) unsafe fn q5_0<D: Dot, const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, out: &mut [f32; C]) {
-    unsafe { signed_q8_0::<D, Q5_0, C>(w, a, nb, out) }
+pub(super) unsafe fn offset_rows<const TYPE: u8, const C: usize>(
+    w: &[u8],
+    n_rows: usize,
+    a: &[&[u8]; C],
+    nb: usize,
+    out: &mut [f32],
+) {
+    let block_bytes = legacy_block_bytes(TYPE);
+    let (mut offsets, mut scales) = OFFSET_COLUMNS.take();
+    offsets.clear();
+    scales.clear();
+    unsafe {
+        let m = _mm256_set1_epi8(1 << offset_shift(TYPE));
+        for col in a {
+            for i in 0..nb {
+                let p = col.as_ptr().add(i * Q8_0_BYTES);
+                offsets.push(_mm256_maddubs_epi16(m, load(p.add(2))));
+                scales.push(f16_at(p));
+            }
+        }
+        let ones = _mm256_set1_epi16(1);
+        // Block `i` of column `c`: `sum(q * a)` in f32 lanes and `d_w * d_a`.
+        let block = |c: usize, i: usize, u: __m256i, dw: __m256| {
+            let pairs = _mm256_maddubs_epi16(u, load(a[c].as_ptr().add(i * Q8_0_BYTES + 2)));
+            let lanes = _mm256_madd_epi16(_mm256_sub_epi16(pairs, offsets[c * nb + i]), ones);
+            (_mm256_cvtepi32_ps(lanes), _mm256_mul_ps(dw, _mm256_set1_ps(scales[c * nb + i])))
+        };
+        for (row, out) in w.chunks_exact(nb * block_bytes).take(n_rows).zip(out.chunks_exact_mut(C)) {
+            let mut acc = [_mm256_setzero_ps(); C];
+            // Two blocks per step, added to the accumulator as one fused pair, as `signed_q8_0`.
+            for i in (0..nb - nb % 2).step_by(2) {
+                let (b0, b1) = (row.as_ptr().add(i * block_bytes), row.as_ptr().add((i + 1) * block_bytes));
+                if i % PREFETCH_BLOCKS == 0 {
+                    prefetch_ahead(b0, PREFETCH_BLOCKS * block_bytes);
+                }
+                let (u0, u1) = (unsigned_weights::<Avx2, TYPE>(b0), unsigned_weights::<Avx2, TYPE>(b1));
+                let (dw0, dw1) = (f16_splat(b0), f16_splat(b1));
+                for (c, acc) in acc.iter_mut().enumerate() {
+                    let (s0, d0) = block(c, i, u0, dw0);
+                    let (s1, d1) = block(c, i + 1, u1, dw1);
+                    *acc = _mm256_add_ps(*acc, _mm256_fmadd_ps(s1, d1, _mm256_mul_ps(s0, d0)));
+                }
+            }
+            if nb % 2 == 1 {
+                let i = nb - 1;
+                let b = row.as_ptr().add(i * block_bytes);
+                let (u, dw) = (unsigned_weights::<Avx2, TYPE>(b), f16_splat(b));
+                for (c, acc) in acc.iter_mut().enumerate() {
+                    let (s, d) = block(c, i, u, dw);
+                    *acc = _mm256_fmadd_ps(s, d, *acc);
+                }
+            }
+            for c in 0..C {
+                out[c] = hsum_f32(acc[c]);
+            }
+        }
+    }
+    OFFSET_COLUMNS.set((offsets, scales));
 }
 
 /// Q8_0 (34 bytes: `d`, 32 signed quants).

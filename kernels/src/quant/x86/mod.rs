@@ -10,7 +10,9 @@
 //! The 256-bit legacy kernels (`legacy.rs`) are written once, generic over [`Dot`], the
 //! `u8 x i8 -> i32` multiply-add of four byte pairs per lane: AVX2's `vpmaddubsw` + `vpmaddwd`
 //! ([`Avx2`]) or AVX-512 VNNI's single `vpdpbusd` on 256-bit registers ([`Vnni`], which also
-//! brings 32 vector registers and byte masks). The 256-bit k-quant kernels (`kquants.rs`) take
+//! brings 32 vector registers and byte masks), except Q4_0 and Q5_0 on AVX2, whose offset is
+//! taken off through the activations, prepared once per call (`legacy::offset_rows`). The
+//! 256-bit k-quant kernels (`kquants.rs`) take
 //! `vpmaddubsw` then `vpmaddwd` by the sub-block scales, in both builds. The AVX-512 VNNI build
 //! uses 512-bit kernels instead for Q3_K, Q4_K, Q6_K (`wide.rs`) and, several weight rows per
 //! call, for Q4_0, Q5_0 and Q8_0 (`rows.rs`, whose `vpdpbusd` also takes Q8_0's `w + 128` up to
@@ -168,14 +170,14 @@ pub(super) fn kernel(ty: GgmlType, isa: X86Isa) -> Option<RawKernel> {
         (GgmlType::Q4_0, X86Isa::Avx512Vnni) => rows_entry::q4_0,
         (GgmlType::Q5_0, X86Isa::Avx512Vnni) => rows_entry::q5_0,
         (GgmlType::Q8_0, X86Isa::Avx512Vnni) => rows_entry::q8_0,
+        (GgmlType::Q4_0, X86Isa::Avx2) => offset_entry::q4_0,
+        (GgmlType::Q5_0, X86Isa::Avx2) => offset_entry::q5_0,
         (GgmlType::Q2_K, _) => pick!(q2_k),
         (GgmlType::Q3_K, _) => pick!(q3_k),
         (GgmlType::Q4_K, _) => pick!(q4_k),
         (GgmlType::Q5_K, _) => pick!(q5_k),
         (GgmlType::Q6_K, _) => pick!(q6_k),
-        (GgmlType::Q4_0, _) => pick!(q4_0),
         (GgmlType::Q4_1, _) => pick!(q4_1),
-        (GgmlType::Q5_0, _) => pick!(q5_0),
         (GgmlType::Q5_1, _) => pick!(q5_1),
         (GgmlType::Q8_0, _) => pick!(q8_0),
     })
@@ -256,11 +258,44 @@ entry_points!(q3_k, kquants::q3_k, wide);
 entry_points!(q4_k, kquants::q4_k, wide);
 entry_points!(q5_k, kquants::q5_k);
 entry_points!(q6_k, kquants::q6_k, wide);
-entry_points!(q4_0, legacy::q4_0);
 entry_points!(q4_1, legacy::q4_1);
-entry_points!(q5_0, legacy::q5_0);
 entry_points!(q5_1, legacy::q5_1);
 entry_points!(q8_0, legacy::q8_0);
+
+/// The AVX2 [`RawKernel`]s of Q4_0 and Q5_0 (`legacy::offset_rows`: the weights' offset taken
+/// off through the activations, prepared once per call), dispatching on the column count.
+mod offset_entry {
+    use super::legacy::offset_rows;
+    use super::wide::{Q4_0, Q5_0};
+
+    macro_rules! offset_entry {
+        ($name:ident, $ty:ident) => {
+            /// AVX2 + FMA + F16C build of [`offset_rows`] for this type.
+            ///
+            /// # Safety
+            /// See [`super::RawKernel`].
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub(super) unsafe fn $name(w: &[u8], n_rows: usize, a: &[&[u8]], nb: usize, out: &mut [f32]) {
+                unsafe {
+                    match a.len() {
+                        1 => offset_rows::<$ty, 1>(w, n_rows, a.try_into().unwrap(), nb, out),
+                        2 => offset_rows::<$ty, 2>(w, n_rows, a.try_into().unwrap(), nb, out),
+                        3 => offset_rows::<$ty, 3>(w, n_rows, a.try_into().unwrap(), nb, out),
+                        4 => offset_rows::<$ty, 4>(w, n_rows, a.try_into().unwrap(), nb, out),
+                        5 => offset_rows::<$ty, 5>(w, n_rows, a.try_into().unwrap(), nb, out),
+                        6 => offset_rows::<$ty, 6>(w, n_rows, a.try_into().unwrap(), nb, out),
+                        7 => offset_rows::<$ty, 7>(w, n_rows, a.try_into().unwrap(), nb, out),
+                        8 => offset_rows::<$ty, 8>(w, n_rows, a.try_into().unwrap(), nb, out),
+                        n => unreachable!("{n} columns"),
+                    }
+                }
+            }
+        };
+    }
+
+    offset_entry!(q4_0, Q4_0);
+    offset_entry!(q5_0, Q5_0);
+}
 
 /// The several-rows [`RawKernel`]s of `rows.rs` (AVX-512 VNNI), dispatching on the column count.
 mod rows_entry {
