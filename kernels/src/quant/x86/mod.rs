@@ -170,8 +170,8 @@ pub(super) fn kernel(ty: GgmlType, isa: X86Isa) -> Option<RawKernel> {
         (GgmlType::Q4_0, X86Isa::Avx512Vnni) => rows_entry::q4_0,
         (GgmlType::Q5_0, X86Isa::Avx512Vnni) => rows_entry::q5_0,
         (GgmlType::Q8_0, X86Isa::Avx512Vnni) => rows_entry::q8_0,
-        (GgmlType::Q4_0, X86Isa::Avx2) => offset_entry::q4_0,
-        (GgmlType::Q5_0, X86Isa::Avx2) => offset_entry::q5_0,
+        (GgmlType::Q4_0, X86Isa::Avx2) => rows_entry::q4_0_avx2,
+        (GgmlType::Q5_0, X86Isa::Avx2) => rows_entry::q5_0_avx2,
         (GgmlType::Q2_K, _) => pick!(q2_k),
         (GgmlType::Q3_K, _) => pick!(q3_k),
         (GgmlType::Q4_K, _) => pick!(q4_k),
@@ -262,64 +262,33 @@ entry_points!(q4_1, legacy::q4_1);
 entry_points!(q5_1, legacy::q5_1);
 entry_points!(q8_0, legacy::q8_0);
 
-/// The AVX2 [`RawKernel`]s of Q4_0 and Q5_0 (`legacy::offset_rows`: the weights' offset taken
-/// off through the activations, prepared once per call), dispatching on the column count.
-mod offset_entry {
-    use super::legacy::offset_rows;
-    use super::wide::{Q4_0, Q5_0};
-
-    macro_rules! offset_entry {
-        ($name:ident, $ty:ident) => {
-            /// AVX2 + FMA + F16C build of [`offset_rows`] for this type.
-            ///
-            /// # Safety
-            /// See [`super::RawKernel`].
-            #[target_feature(enable = "avx2,fma,f16c")]
-            pub(super) unsafe fn $name(w: &[u8], n_rows: usize, a: &[&[u8]], nb: usize, out: &mut [f32]) {
-                unsafe {
-                    match a.len() {
-                        1 => offset_rows::<$ty, 1>(w, n_rows, a.try_into().unwrap(), nb, out),
-                        2 => offset_rows::<$ty, 2>(w, n_rows, a.try_into().unwrap(), nb, out),
-                        3 => offset_rows::<$ty, 3>(w, n_rows, a.try_into().unwrap(), nb, out),
-                        4 => offset_rows::<$ty, 4>(w, n_rows, a.try_into().unwrap(), nb, out),
-                        5 => offset_rows::<$ty, 5>(w, n_rows, a.try_into().unwrap(), nb, out),
-                        6 => offset_rows::<$ty, 6>(w, n_rows, a.try_into().unwrap(), nb, out),
-                        7 => offset_rows::<$ty, 7>(w, n_rows, a.try_into().unwrap(), nb, out),
-                        8 => offset_rows::<$ty, 8>(w, n_rows, a.try_into().unwrap(), nb, out),
-                        n => unreachable!("{n} columns"),
-                    }
-                }
-            }
-        };
-    }
-
-    offset_entry!(q4_0, Q4_0);
-    offset_entry!(q5_0, Q5_0);
-}
-
-/// The several-rows [`RawKernel`]s of `rows.rs` (AVX-512 VNNI), dispatching on the column count.
+/// The [`RawKernel`]s whose body takes the rows itself (it prepares the activations once per
+/// call for all of them), dispatching on the column count: the several-rows kernels of
+/// `rows.rs` (AVX-512 VNNI: Q4_0, Q5_0, Q8_0) and `legacy::offset_rows` (AVX2: Q4_0, Q5_0, the
+/// weights' offset taken off through the activations).
 mod rows_entry {
+    use super::legacy::offset_rows;
     use super::rows::legacy_rows;
     use super::wide::{Q4_0, Q5_0, Q8_0};
 
     macro_rules! rows_entry {
-        ($name:ident, $ty:ident) => {
-            /// AVX-512 VNNI build of [`legacy_rows`] for this type.
+        ($name:ident, $body:ident::<$ty:ident>, $features:literal, $build:literal) => {
+            #[doc = concat!($build, " build of [`", stringify!($body), "`] for this type.")]
             ///
             /// # Safety
             /// See [`super::RawKernel`].
-            #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+            #[target_feature(enable = $features)]
             pub(super) unsafe fn $name(w: &[u8], n_rows: usize, a: &[&[u8]], nb: usize, out: &mut [f32]) {
                 unsafe {
                     match a.len() {
-                        1 => legacy_rows::<$ty, 1>(w, n_rows, a.try_into().unwrap(), nb, out),
-                        2 => legacy_rows::<$ty, 2>(w, n_rows, a.try_into().unwrap(), nb, out),
-                        3 => legacy_rows::<$ty, 3>(w, n_rows, a.try_into().unwrap(), nb, out),
-                        4 => legacy_rows::<$ty, 4>(w, n_rows, a.try_into().unwrap(), nb, out),
-                        5 => legacy_rows::<$ty, 5>(w, n_rows, a.try_into().unwrap(), nb, out),
-                        6 => legacy_rows::<$ty, 6>(w, n_rows, a.try_into().unwrap(), nb, out),
-                        7 => legacy_rows::<$ty, 7>(w, n_rows, a.try_into().unwrap(), nb, out),
-                        8 => legacy_rows::<$ty, 8>(w, n_rows, a.try_into().unwrap(), nb, out),
+                        1 => $body::<$ty, 1>(w, n_rows, a.try_into().unwrap(), nb, out),
+                        2 => $body::<$ty, 2>(w, n_rows, a.try_into().unwrap(), nb, out),
+                        3 => $body::<$ty, 3>(w, n_rows, a.try_into().unwrap(), nb, out),
+                        4 => $body::<$ty, 4>(w, n_rows, a.try_into().unwrap(), nb, out),
+                        5 => $body::<$ty, 5>(w, n_rows, a.try_into().unwrap(), nb, out),
+                        6 => $body::<$ty, 6>(w, n_rows, a.try_into().unwrap(), nb, out),
+                        7 => $body::<$ty, 7>(w, n_rows, a.try_into().unwrap(), nb, out),
+                        8 => $body::<$ty, 8>(w, n_rows, a.try_into().unwrap(), nb, out),
                         n => unreachable!("{n} columns"),
                     }
                 }
@@ -327,9 +296,11 @@ mod rows_entry {
         };
     }
 
-    rows_entry!(q4_0, Q4_0);
-    rows_entry!(q5_0, Q5_0);
-    rows_entry!(q8_0, Q8_0);
+    rows_entry!(q4_0, legacy_rows::<Q4_0>, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", "AVX-512 VNNI");
+    rows_entry!(q5_0, legacy_rows::<Q5_0>, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", "AVX-512 VNNI");
+    rows_entry!(q8_0, legacy_rows::<Q8_0>, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", "AVX-512 VNNI");
+    rows_entry!(q4_0_avx2, offset_rows::<Q4_0>, "avx2,fma,f16c", "AVX2 + FMA + F16C");
+    rows_entry!(q5_0_avx2, offset_rows::<Q5_0>, "avx2,fma,f16c", "AVX2 + FMA + F16C");
 }
 
 /// A GEMM kernel for batches of columns, bit-identical to the portable kernel: weight rows in
