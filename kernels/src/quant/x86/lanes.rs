@@ -148,9 +148,21 @@ unsafe fn product(a: *const u8, codes: *const __m256i, g: usize) -> __m256i {
 #[inline(always)]
 unsafe fn product_sum<const GROUPS: usize>(a: *const u8, codes: *const __m256i, first: usize) -> __m256i {
     unsafe {
-        let p = |g: usize| product(a, codes, first + g);
-        let quad = |g: usize| _mm256_add_epi16(_mm256_add_epi16(p(g), p(g + 1)), _mm256_add_epi16(p(g + 2), p(g + 3)));
-        if GROUPS == 8 { _mm256_add_epi16(quad(0), quad(4)) } else { quad(0) }
+        let quad = product_quad(a, codes, first);
+        if GROUPS == 8 { _mm256_add_epi16(quad, product_quad(a, codes, first + 4)) } else { quad }
+    }
+}
+
+/// The i16 sum of products `g..g + 4` ([`product`]), added as a tree. A function, not a closure:
+/// a closure would not inherit the caller's target features, and the intrinsics would not inline.
+///
+/// # Safety
+/// As [`product`].
+#[inline(always)]
+unsafe fn product_quad(a: *const u8, codes: *const __m256i, g: usize) -> __m256i {
+    unsafe {
+        let low = _mm256_add_epi16(product(a, codes, g), product(a, codes, g + 1));
+        _mm256_add_epi16(low, _mm256_add_epi16(product(a, codes, g + 2), product(a, codes, g + 3)))
     }
 }
 
@@ -255,15 +267,14 @@ pub(super) unsafe fn legacy_lanes<const TYPE: u8>(
         for row0 in (0..n_rows).step_by(BAND_ROWS) {
             let n = BAND_ROWS.min(n_rows - row0);
             transpose_band::<TYPE>(w, row0, n, nb, &mut band);
-            let mut emit = |c: usize, v: __m256| store_band_column(out, n_cols, row0, n, c, v);
             for c0 in (0..n_cols - n_cols % 2).step_by(2) {
                 let [v0, v1] = band_columns::<TYPE, 2>(&band, cols, c0, nb);
-                emit(c0, v0);
-                emit(c0 + 1, v1);
+                store_band_column(out, n_cols, row0, n, c0, v0);
+                store_band_column(out, n_cols, row0, n, c0 + 1, v1);
             }
             if n_cols % 2 == 1 {
                 let [v] = band_columns::<TYPE, 1>(&band, cols, n_cols - 1, nb);
-                emit(n_cols - 1, v);
+                store_band_column(out, n_cols, row0, n, n_cols - 1, v);
             }
         }
     }

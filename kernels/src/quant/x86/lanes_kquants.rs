@@ -199,12 +199,32 @@ impl KLanes for Q4K {
 #[inline(always)]
 unsafe fn products<const G: usize>(codes: *const __m256i, a: *const i8) -> __m256i {
     unsafe {
-        let p = |m: usize| {
-            let a4 = _mm256_set1_epi32(a.add(4 * m).cast::<i32>().read_unaligned());
-            _mm256_maddubs_epi16(*codes.add(m), a4)
-        };
-        let quad = |m: usize| _mm256_add_epi16(_mm256_add_epi16(p(m), p(m + 1)), _mm256_add_epi16(p(m + 2), p(m + 3)));
-        if G == 8 { _mm256_add_epi16(quad(0), quad(4)) } else { quad(0) }
+        let quad = product_quad(codes, a, 0);
+        if G == 8 { _mm256_add_epi16(quad, product_quad(codes, a, 4)) } else { quad }
+    }
+}
+
+/// The product of code vector `codes + m` with the column's activations `4m..4m + 4` at `a`
+/// (broadcast): sixteen i16 pair sums.
+///
+/// # Safety
+/// `codes` holds more than `m` vectors, `a..a + 4m + 4` readable; AVX2.
+#[inline(always)]
+unsafe fn product(codes: *const __m256i, a: *const i8, m: usize) -> __m256i {
+    unsafe { _mm256_maddubs_epi16(*codes.add(m), _mm256_set1_epi32(a.add(4 * m).cast::<i32>().read_unaligned())) }
+}
+
+/// The i16 sum of products `m..m + 4` ([`product`]), added as a tree. A function, not a
+/// closure: a closure would not inherit the caller's target features, and the intrinsics would
+/// not inline.
+///
+/// # Safety
+/// As [`product`], for `m + 3`.
+#[inline(always)]
+unsafe fn product_quad(codes: *const __m256i, a: *const i8, m: usize) -> __m256i {
+    unsafe {
+        let low = _mm256_add_epi16(product(codes, a, m), product(codes, a, m + 1));
+        _mm256_add_epi16(low, _mm256_add_epi16(product(codes, a, m + 2), product(codes, a, m + 3)))
     }
 }
 
@@ -320,17 +340,16 @@ pub(super) unsafe fn kquant_lanes<T: KLanes>(w: &[u8], n_rows: usize, nb: usize,
         for row0 in (0..n_rows).step_by(BAND_ROWS) {
             let n = BAND_ROWS.min(n_rows - row0);
             transpose_band::<T>(w, row0, n, nb, &mut band);
-            let mut emit = |c: usize, v: __m256| store_band_column(out, n_cols, row0, n, c, v);
             let mut c0 = 0;
             while c0 + 4 <= n_cols {
                 for (c, v) in T::band_columns::<4>(&band, cols, c0, nb).into_iter().enumerate() {
-                    emit(c0 + c, v);
+                    store_band_column(out, n_cols, row0, n, c0 + c, v);
                 }
                 c0 += 4;
             }
             while c0 < n_cols {
                 let [v] = T::band_columns::<1>(&band, cols, c0, nb);
-                emit(c0, v);
+                store_band_column(out, n_cols, row0, n, c0, v);
                 c0 += 1;
             }
         }

@@ -4,9 +4,8 @@
 //! Block layouts are those documented in `quant/legacy.rs`. Per block and column, the exact
 //! integer sum (eight i32 lanes of `dpbusd`) is converted to f32 and accumulated as
 //! `acc += (d_w * d_a) * sum` in eight lanes, summed across lanes at the end of the row, as
-//! ggml's AVX2 kernels do. Q8_0's signed weights enter `dpbusd` as `|w|` with the activation's
-//! sign flipped where `w < 0`. Q4_0 and Q5_0 (`q - 8`, `q - 16`) on AVX2 enter as their unsigned
-//! codes, the offset taken off through the activations once per call ([`offset_rows`]); the
+//! ggml's AVX2 kernels do. Q4_0, Q5_0 and Q8_0 (Q8_0 activations) on AVX2 take
+//! [`prepared_rows`], which prepares the activations once per call for all its rows; the
 //! AVX-512 VNNI build takes them in `rows.rs`.
 
 use std::arch::x86_64::*;
@@ -44,20 +43,6 @@ unsafe fn five_bit<D: Dot>(qh: *const u8, qs: *const u8) -> __m256i {
 /// Blocks per software prefetch of the legacy kernels (one request per line of these blocks).
 const PREFETCH_BLOCKS: usize = 4;
 
-/// One block and column of [`signed_q8_0`]: `sum(w * a)` in f32 lanes and `d_w * d_a`, for the
-/// block's signed quants `q` and scale `dw` (every lane) and the Q8_0 activation block at `p`.
-///
-/// # Safety
-/// `p..p + 34` readable; the CPU supports `D`, FMA and F16C.
-#[inline(always)]
-unsafe fn signed_block<D: Dot>(p: *const u8, q: __m256i, dw: __m256) -> (__m256, __m256) {
-    unsafe {
-        let s = _mm256_sign_epi8(load(p.add(2)), q);
-        let sum = _mm256_cvtepi32_ps(D::dpbusd(_mm256_setzero_si256(), _mm256_sign_epi8(q, q), s));
-        (sum, _mm256_mul_ps(dw, f16_splat(p)))
-    }
-}
-
 /// The 32 quants of the `TYPE` block at `b` (a `wide` type tag) made non-negative, `w + m`
 /// ([`offset_shift`]): Q4_0 and Q5_0 as coded, Q8_0 with its sign bit flipped.
 ///
@@ -85,47 +70,6 @@ pub(super) unsafe fn signed_weights<D: Dot, const TYPE: u8>(b: *const u8) -> __m
         match TYPE {
             Q8_0 => load(b.add(2)),
             _ => _mm256_sub_epi8(unsigned_weights::<D, TYPE>(b), _mm256_set1_epi8(1 << offset_shift(TYPE))),
-        }
-    }
-}
-
-/// Shared loop of the kernels with Q8_0 activations and signed weights of `TYPE` (a `wide`
-/// type tag).
-///
-/// # Safety
-/// See `RawKernel` in the parent module.
-#[inline(always)]
-unsafe fn signed_q8_0<D: Dot, const TYPE: u8, const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, out: &mut [f32; C]) {
-    let block_bytes = legacy_block_bytes(TYPE);
-    unsafe {
-        let mut acc = [_mm256_setzero_ps(); C];
-        // Two blocks per step, added to the accumulator as one fused pair: one dependent add
-        // per two blocks.
-        for i in (0..nb - nb % 2).step_by(2) {
-            let (b0, b1) = (w.as_ptr().add(i * block_bytes), w.as_ptr().add((i + 1) * block_bytes));
-            if i % PREFETCH_BLOCKS == 0 {
-                prefetch_ahead(b0, PREFETCH_BLOCKS * block_bytes);
-            }
-            let (q0, q1) = (signed_weights::<D, TYPE>(b0), signed_weights::<D, TYPE>(b1));
-            let (dw0, dw1) = (f16_splat(b0), f16_splat(b1));
-            for c in 0..C {
-                let p = a[c].as_ptr().add(i * Q8_0_BYTES);
-                let (s0, d0) = signed_block::<D>(p, q0, dw0);
-                let (s1, d1) = signed_block::<D>(p.add(Q8_0_BYTES), q1, dw1);
-                acc[c] = _mm256_add_ps(acc[c], _mm256_fmadd_ps(s1, d1, _mm256_mul_ps(s0, d0)));
-            }
-        }
-        if nb % 2 == 1 {
-            let i = nb - 1;
-            let b = w.as_ptr().add(i * block_bytes);
-            let (q, dw) = (signed_weights::<D, TYPE>(b), f16_splat(b));
-            for c in 0..C {
-                let (s, d) = signed_block::<D>(a[c].as_ptr().add(i * Q8_0_BYTES), q, dw);
-                acc[c] = _mm256_fmadd_ps(s, d, acc[c]);
-            }
-        }
-        for c in 0..C {
-            out[c] = hsum_f32(acc[c]);
         }
     }
 }
@@ -167,28 +111,73 @@ unsafe fn affine_q8_1<D: Dot, const C: usize>(
     }
 }
 
-thread_local! {
-    /// Each thread's columns prepared by [`offset_rows`]: per column and block, `vpmaddubsw` of
-    /// the weights' offset with the activations (sixteen i16), and the activation scale as f32.
-    static OFFSET_COLUMNS: Cell<(Vec<__m256i>, Vec<f32>)> = const { Cell::new((Vec::new(), Vec::new())) };
+/// The weights of the `TYPE` block at `b` as [`prepared_rows`] gives them to `vpmaddubsw`: Q8_0's
+/// signed quants (made `|w|` in [`prepared_block`]), Q4_0's and Q5_0's unsigned codes.
+///
+/// # Safety
+/// A block of `TYPE` readable at `b`; AVX2.
+#[inline(always)]
+unsafe fn prepared_weights<const TYPE: u8>(b: *const u8) -> __m256i {
+    unsafe {
+        match TYPE {
+            Q8_0 => load(b.add(2)),
+            _ => unsigned_weights::<Avx2, TYPE>(b),
+        }
+    }
 }
 
-/// `out[r * C + c] = dot(row r, a[c])` for `n_rows` rows of `nb` Q4_0 or Q5_0 blocks (`TYPE`, a
-/// `wide` type tag) and Q8_0 activations, on AVX2 only.
+/// One block and column of [`prepared_rows`]: `sum(q * a)` in f32 lanes and `d_w * d_a`, for the
+/// block's weights `q` ([`prepared_weights`]) and scale `dw` (every lane), the Q8_0 activation
+/// block at `p`, and entry `k` of the prepared `offsets` (Q4_0, Q5_0; empty for Q8_0) and
+/// `scales`.
 ///
-/// The weights enter `vpmaddubsw` as their unsigned codes `u = q + m` (`m` = 8 or 16,
-/// [`offset_shift`]), and the offset comes off each i16 pair through `vpmaddubsw(m, a)`, which
-/// depends on the activations alone: it is computed once per call for every column and block
-/// (with `d_a` as f32), then read by every row. Each pair is `u0 a0 + u1 a1 - m (a0 + a1)`, that
-/// is `q0 a0 + q1 a1`, exactly the pair of the sign trick (`vpmaddubsw(|w|, sign(a, w))`) that
-/// [`signed_q8_0`] uses for Q8_0 (all within i16: `|u a| <= 31 * 128`), so the lanes, and the f32
-/// operations after them, are those of that kernel: three operations fewer per block.
+/// # Safety
+/// `p..p + 34` readable; AVX2.
+#[inline(always)]
+unsafe fn prepared_block<const TYPE: u8>(
+    p: *const u8,
+    q: __m256i,
+    dw: __m256,
+    offsets: &[__m256i],
+    scales: &[f32],
+    k: usize,
+) -> (__m256, __m256) {
+    unsafe {
+        let act = load(p.add(2));
+        let pairs = match TYPE {
+            Q8_0 => _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(act, q)),
+            _ => _mm256_sub_epi16(_mm256_maddubs_epi16(q, act), offsets[k]),
+        };
+        let sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+        (sum, _mm256_mul_ps(dw, _mm256_set1_ps(scales[k])))
+    }
+}
+
+thread_local! {
+    /// Each thread's columns prepared by [`prepared_rows`]: per column and block, the activation
+    /// scale as f32 and (Q4_0, Q5_0) `vpmaddubsw` of the weights' offset with the activations.
+    static PREPARED_COLUMNS: Cell<(Vec<f32>, Vec<__m256i>)> = const { Cell::new((Vec::new(), Vec::new())) };
+}
+
+/// `out[r * C + c] = dot(row r, a[c])` for `n_rows` rows of `nb` Q4_0, Q5_0 or Q8_0 blocks
+/// (`TYPE`, a `wide` type tag) and Q8_0 activations, on AVX2; the activations' parts that do not
+/// depend on the weights are prepared once per call for every column and block, then read by
+/// every row.
+///
+/// The i16 pairs of `vpmaddubsw` are `q0 a0 + q1 a1` for every type. Q8_0's signed weights
+/// enter as `|w|` with the activation's sign flipped where `w < 0`. Q4_0 and Q5_0 enter as their
+/// unsigned codes `u = q + m` (`m` = 8 or 16, [`offset_shift`]), and the offset comes off each
+/// pair through the prepared `vpmaddubsw(m, a)`: `u0 a0 + u1 a1 - m (a0 + a1)` (all within i16:
+/// `|u a| <= 31 * 128`), the same pair as the sign trick's with three operations fewer per
+/// block. Per block and column, the eight i32 lanes of the pairs summed by `vpmaddwd` are
+/// converted to f32 and accumulated as `acc += (d_w * d_a) * sum`, two blocks per step, summed
+/// across lanes at the end of the row.
 ///
 /// # Safety
 /// `n_rows >= 1`; `w` holds `n_rows` rows of `nb` blocks, every `a[c]` `nb` Q8_0 blocks, `out`
 /// `n_rows * C` values; AVX2, FMA, F16C.
 #[inline(always)]
-pub(super) unsafe fn offset_rows<const TYPE: u8, const C: usize>(
+pub(super) unsafe fn prepared_rows<const TYPE: u8, const C: usize>(
     w: &[u8],
     n_rows: usize,
     a: &[&[u8]; C],
@@ -196,47 +185,45 @@ pub(super) unsafe fn offset_rows<const TYPE: u8, const C: usize>(
     out: &mut [f32],
 ) {
     let block_bytes = legacy_block_bytes(TYPE);
-    let (mut offsets, mut scales) = OFFSET_COLUMNS.take();
-    offsets.clear();
+    let (mut scales, mut offsets) = PREPARED_COLUMNS.take();
     scales.clear();
+    offsets.clear();
     unsafe {
         let m = _mm256_set1_epi8(1 << offset_shift(TYPE));
         for col in a {
             for i in 0..nb {
                 let p = col.as_ptr().add(i * Q8_0_BYTES);
-                offsets.push(_mm256_maddubs_epi16(m, load(p.add(2))));
                 scales.push(f16_at(p));
+                if TYPE != Q8_0 {
+                    offsets.push(_mm256_maddubs_epi16(m, load(p.add(2))));
+                }
             }
         }
-        let ones = _mm256_set1_epi16(1);
-        // Block `i` of column `c`: `sum(q * a)` in f32 lanes and `d_w * d_a`.
-        let block = |c: usize, i: usize, u: __m256i, dw: __m256| {
-            let pairs = _mm256_maddubs_epi16(u, load(a[c].as_ptr().add(i * Q8_0_BYTES + 2)));
-            let lanes = _mm256_madd_epi16(_mm256_sub_epi16(pairs, offsets[c * nb + i]), ones);
-            (_mm256_cvtepi32_ps(lanes), _mm256_mul_ps(dw, _mm256_set1_ps(scales[c * nb + i])))
-        };
         for (row, out) in w.chunks_exact(nb * block_bytes).take(n_rows).zip(out.chunks_exact_mut(C)) {
             let mut acc = [_mm256_setzero_ps(); C];
-            // Two blocks per step, added to the accumulator as one fused pair, as `signed_q8_0`.
+            // Two blocks per step, added to the accumulator as one fused pair: one dependent add
+            // per two blocks.
             for i in (0..nb - nb % 2).step_by(2) {
                 let (b0, b1) = (row.as_ptr().add(i * block_bytes), row.as_ptr().add((i + 1) * block_bytes));
                 if i % PREFETCH_BLOCKS == 0 {
                     prefetch_ahead(b0, PREFETCH_BLOCKS * block_bytes);
                 }
-                let (u0, u1) = (unsigned_weights::<Avx2, TYPE>(b0), unsigned_weights::<Avx2, TYPE>(b1));
+                let (q0, q1) = (prepared_weights::<TYPE>(b0), prepared_weights::<TYPE>(b1));
                 let (dw0, dw1) = (f16_splat(b0), f16_splat(b1));
                 for (c, acc) in acc.iter_mut().enumerate() {
-                    let (s0, d0) = block(c, i, u0, dw0);
-                    let (s1, d1) = block(c, i + 1, u1, dw1);
+                    let (p, k) = (a[c].as_ptr().add(i * Q8_0_BYTES), c * nb + i);
+                    let (s0, d0) = prepared_block::<TYPE>(p, q0, dw0, &offsets, &scales, k);
+                    let (s1, d1) = prepared_block::<TYPE>(p.add(Q8_0_BYTES), q1, dw1, &offsets, &scales, k + 1);
                     *acc = _mm256_add_ps(*acc, _mm256_fmadd_ps(s1, d1, _mm256_mul_ps(s0, d0)));
                 }
             }
             if nb % 2 == 1 {
                 let i = nb - 1;
                 let b = row.as_ptr().add(i * block_bytes);
-                let (u, dw) = (unsigned_weights::<Avx2, TYPE>(b), f16_splat(b));
+                let (q, dw) = (prepared_weights::<TYPE>(b), f16_splat(b));
                 for (c, acc) in acc.iter_mut().enumerate() {
-                    let (s, d) = block(c, i, u, dw);
+                    let (p, k) = (a[c].as_ptr().add(i * Q8_0_BYTES), c * nb + i);
+                    let (s, d) = prepared_block::<TYPE>(p, q, dw, &offsets, &scales, k);
                     *acc = _mm256_fmadd_ps(s, d, *acc);
                 }
             }
@@ -245,16 +232,7 @@ pub(super) unsafe fn offset_rows<const TYPE: u8, const C: usize>(
             }
         }
     }
-    OFFSET_COLUMNS.set((offsets, scales));
-}
-
-/// Q8_0 (34 bytes: `d`, 32 signed quants).
-///
-/// # Safety
-/// See `RawKernel` in the parent module.
-#[inline(always)]
-pub(super) unsafe fn q8_0<D: Dot, const C: usize>(w: &[u8], a: &[&[u8]; C], nb: usize, out: &mut [f32; C]) {
-    unsafe { signed_q8_0::<D, Q8_0, C>(w, a, nb, out) }
+    PREPARED_COLUMNS.set((scales, offsets));
 }
 
 /// Q4_1 (20 bytes: `d`, `m`, 16 bytes of nibbles) with Q8_1: `d_w d_a sum(q a) + m s_a`.

@@ -10,8 +10,9 @@
 //! The 256-bit legacy kernels (`legacy.rs`) are written once, generic over [`Dot`], the
 //! `u8 x i8 -> i32` multiply-add of four byte pairs per lane: AVX2's `vpmaddubsw` + `vpmaddwd`
 //! ([`Avx2`]) or AVX-512 VNNI's single `vpdpbusd` on 256-bit registers ([`Vnni`], which also
-//! brings 32 vector registers and byte masks), except Q4_0 and Q5_0 on AVX2, whose offset is
-//! taken off through the activations, prepared once per call (`legacy::offset_rows`). The
+//! brings 32 vector registers and byte masks), except Q4_0, Q5_0 and Q8_0 on AVX2, whose
+//! kernel prepares the activations once per call for all its rows (`legacy::prepared_rows`:
+//! `d_a` as f32, and Q4_0's and Q5_0's offset taken off through the activations). The
 //! 256-bit k-quant kernels (`kquants.rs`) take
 //! `vpmaddubsw` then `vpmaddwd` by the sub-block scales, in both builds. The AVX-512 VNNI build
 //! uses 512-bit kernels instead for Q3_K, Q4_K, Q6_K (`wide.rs`) and, several weight rows per
@@ -171,6 +172,7 @@ pub(super) fn kernel(ty: GgmlType, isa: X86Isa) -> Option<RawKernel> {
         (GgmlType::Q5_0, X86Isa::Avx512Vnni) => rows_entry::q5_0,
         (GgmlType::Q8_0, X86Isa::Avx512Vnni) => rows_entry::q8_0,
         (GgmlType::Q4_0, X86Isa::Avx2) => rows_entry::q4_0_avx2,
+        (GgmlType::Q8_0, X86Isa::Avx2) => rows_entry::q8_0_avx2,
         (GgmlType::Q5_0, X86Isa::Avx2) => rows_entry::q5_0_avx2,
         (GgmlType::Q2_K, _) => pick!(q2_k),
         (GgmlType::Q3_K, _) => pick!(q3_k),
@@ -179,7 +181,6 @@ pub(super) fn kernel(ty: GgmlType, isa: X86Isa) -> Option<RawKernel> {
         (GgmlType::Q6_K, _) => pick!(q6_k),
         (GgmlType::Q4_1, _) => pick!(q4_1),
         (GgmlType::Q5_1, _) => pick!(q5_1),
-        (GgmlType::Q8_0, _) => pick!(q8_0),
     })
 }
 
@@ -260,14 +261,12 @@ entry_points!(q5_k, kquants::q5_k);
 entry_points!(q6_k, kquants::q6_k, wide);
 entry_points!(q4_1, legacy::q4_1);
 entry_points!(q5_1, legacy::q5_1);
-entry_points!(q8_0, legacy::q8_0);
 
 /// The [`RawKernel`]s whose body takes the rows itself (it prepares the activations once per
 /// call for all of them), dispatching on the column count: the several-rows kernels of
-/// `rows.rs` (AVX-512 VNNI: Q4_0, Q5_0, Q8_0) and `legacy::offset_rows` (AVX2: Q4_0, Q5_0, the
-/// weights' offset taken off through the activations).
+/// `rows.rs` (AVX-512 VNNI) and `legacy::prepared_rows` (AVX2), both for Q4_0, Q5_0 and Q8_0.
 mod rows_entry {
-    use super::legacy::offset_rows;
+    use super::legacy::prepared_rows;
     use super::rows::legacy_rows;
     use super::wide::{Q4_0, Q5_0, Q8_0};
 
@@ -299,8 +298,9 @@ mod rows_entry {
     rows_entry!(q4_0, legacy_rows::<Q4_0>, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", "AVX-512 VNNI");
     rows_entry!(q5_0, legacy_rows::<Q5_0>, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", "AVX-512 VNNI");
     rows_entry!(q8_0, legacy_rows::<Q8_0>, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", "AVX-512 VNNI");
-    rows_entry!(q4_0_avx2, offset_rows::<Q4_0>, "avx2,fma,f16c", "AVX2 + FMA + F16C");
-    rows_entry!(q5_0_avx2, offset_rows::<Q5_0>, "avx2,fma,f16c", "AVX2 + FMA + F16C");
+    rows_entry!(q4_0_avx2, prepared_rows::<Q4_0>, "avx2,fma,f16c", "AVX2 + FMA + F16C");
+    rows_entry!(q5_0_avx2, prepared_rows::<Q5_0>, "avx2,fma,f16c", "AVX2 + FMA + F16C");
+    rows_entry!(q8_0_avx2, prepared_rows::<Q8_0>, "avx2,fma,f16c", "AVX2 + FMA + F16C");
 }
 
 /// A GEMM kernel for batches of columns, bit-identical to the portable kernel: weight rows in
@@ -550,4 +550,33 @@ unsafe fn f16_at(p: *const u8) -> f32 {
 #[inline(always)]
 unsafe fn f16_splat(p: *const u8) -> __m256 {
     unsafe { _mm256_cvtph_ps(_mm_set1_epi16(p.cast::<i16>().read_unaligned())) }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    /// Every intrinsic is inlined into its kernel. An out-of-line copy of one (a symbol of its
+    /// own such as `core::core_arch::x86::avx2::_mm256_maddubs_epi16`) means that some kernel
+    /// calls it from a function compiled without the kernel's target features, typically a
+    /// closure: then every instruction costs a call, and the kernel runs tens of times slower
+    /// while every numeric test still passes. Reads this test binary's symbols with `nm`
+    /// (binutils); the test profile optimizes as release does.
+    #[test]
+    fn every_intrinsic_is_inlined_into_its_kernel() {
+        let exe = std::env::current_exe().expect("path of the test binary");
+        let nm = std::process::Command::new("nm")
+            .arg("--demangle")
+            .arg(&exe)
+            .output()
+            .expect("run nm (binutils) on the test binary");
+        assert!(nm.status.success(), "nm {}: {}", exe.display(), String::from_utf8_lossy(&nm.stderr));
+        let symbols = String::from_utf8_lossy(&nm.stdout);
+        assert!(symbols.contains("moeshard_kernels"), "nm listed no symbols of this crate in {}", exe.display());
+        let outlined: Vec<&str> =
+            symbols.lines().filter(|line| line.contains("core::core_arch::x86::") && line.contains("::_mm")).collect();
+        assert!(
+            outlined.is_empty(),
+            "intrinsics compiled out of line (called from a closure or another function without the kernel's target features?):\n{}",
+            outlined.join("\n")
+        );
+    }
 }
