@@ -9,10 +9,9 @@
 //! AVX-512 VNNI build takes them in `rows.rs`.
 
 use std::arch::x86_64::*;
-
-use super::wide::{Q4_0, Q5_0, Q8_0, legacy_block_bytes, offset_shift};
 use std::cell::Cell;
 
+use super::wide::{Q4_0, Q5_0, Q8_0, legacy_block_bytes, offset_shift};
 use super::{Avx2, Dot, f16_at, f16_splat, hsum_f32, load, prefetch_ahead};
 
 /// Bytes of a `block_q8_0` (`d` at 0, quants at 2) and a `block_q8_1` (`d`, `s`, quants at 4).
