@@ -10,7 +10,7 @@
 //! every row of the chunk: the group's activations (8 Q8_K rows of 2304 values are 21 KB) stay
 //! in L1 while the chunk's weight rows (a few KB each) come from L2 after the first group, the
 //! smaller of the two streams. Batches of [`TILED_MIN_COLS`] columns or more of a type with a
-//! tiled kernel (Q3_K, Q4_K, Q6_K on AVX-512 VNNI) are laid out once per product ([`Columns`]);
+//! tiled kernel (Q3_K, Q4_K, Q6_K on AVX-512 VNNI) are laid out once per product (`Columns`);
 //! a chunk then unpacks its weight rows once and multiplies them with every tile of sixteen
 //! columns. Below that size a result does not depend on the batch it was computed in; the tiled
 //! kernels give the portable kernels' bits, which differ from the 512-bit column kernels' in f32

@@ -62,7 +62,7 @@ const READ_PROBE_TASK_BYTES: usize = 1 << 20;
 
 /// Measures memory read bandwidth on the current rayon pool: a buffer of `bytes` bytes (rounded
 /// down to whole `u64`s, at least one) is written once, then summed in parallel
-/// [`READ_PROBE_PASSES`] times (each task summing [`READ_PROBE_TASK_BYTES`]); returns the
+/// at least 5 times (`READ_PROBE_PASSES`; each rayon task summing 1 MiB); returns the
 /// fastest pass's bytes read per second, in GB/s. Use [`READ_PROBE_BYTES`] for a figure of main
 /// memory; a small buffer measures the caches.
 pub fn read_bandwidth(bytes: usize) -> f64 {
