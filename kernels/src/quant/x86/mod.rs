@@ -153,10 +153,10 @@ impl X86Isa {
 pub(super) type RawKernel = unsafe fn(w: &[u8], n_rows: usize, a: &[&[u8]], n_blocks: usize, out: &mut [f32]);
 
 /// The kernel for weights of type `ty` compiled for `isa`; `None` for the float types, which
-/// have no SIMD kernel here. Q4_0, Q5_0 and Q8_0 on AVX-512 VNNI take the several-rows kernels
-/// of `rows.rs` (the activations prepared once per call for all its rows); a single row goes
-/// through the same kernel, so that every dot product of such a matrix takes the same
-/// arithmetic.
+/// have no SIMD kernel here. Q4_0, Q5_0 and Q8_0 take the kernels that prepare the activations
+/// once per call for all its rows (`rows.rs` on AVX-512 VNNI, `legacy::prepared_rows` on AVX2);
+/// a single row goes through the same kernel, so that every dot product of such a matrix takes
+/// the same arithmetic.
 pub(super) fn kernel(ty: GgmlType, isa: X86Isa) -> Option<RawKernel> {
     macro_rules! pick {
         ($f:ident) => {
@@ -172,8 +172,8 @@ pub(super) fn kernel(ty: GgmlType, isa: X86Isa) -> Option<RawKernel> {
         (GgmlType::Q5_0, X86Isa::Avx512Vnni) => rows_entry::q5_0,
         (GgmlType::Q8_0, X86Isa::Avx512Vnni) => rows_entry::q8_0,
         (GgmlType::Q4_0, X86Isa::Avx2) => rows_entry::q4_0_avx2,
-        (GgmlType::Q8_0, X86Isa::Avx2) => rows_entry::q8_0_avx2,
         (GgmlType::Q5_0, X86Isa::Avx2) => rows_entry::q5_0_avx2,
+        (GgmlType::Q8_0, X86Isa::Avx2) => rows_entry::q8_0_avx2,
         (GgmlType::Q2_K, _) => pick!(q2_k),
         (GgmlType::Q3_K, _) => pick!(q3_k),
         (GgmlType::Q4_K, _) => pick!(q4_k),
