@@ -226,10 +226,12 @@ pub fn grouped_expert_ffn_quantized<'a>(
     work_items(&groups, |g| g.ffn.gate.rows).into_par_iter().for_each(|(gi, rows)| {
         let (g, gate_in, up_in) = (&groups[gi], &gate_in[gi], &up_in[gi]);
         let (n_tok, n_ff) = (g.route_ids.len(), g.ffn.gate.rows);
-        let mut gate = vec![0.0f32; rows.len() * n_tok];
-        dot_rows(&g.ffn.gate, gate_in, rows.clone(), |r, t, v| gate[(r - rows.start) * n_tok + t] = v);
+        // `[n_tok, rows]`: the lanes kernels hand out a token's rows in order (AVX2).
+        let n_item_rows = rows.len();
+        let mut gate = vec![0.0f32; n_item_rows * n_tok];
+        dot_rows(&g.ffn.gate, gate_in, rows.clone(), |r, t, v| gate[t * n_item_rows + r - rows.start] = v);
         dot_rows(&g.ffn.up, up_in, rows.clone(), |r, t, v| {
-            let h = silu(gate[(r - rows.start) * n_tok + t]) * v;
+            let h = silu(gate[t * n_item_rows + r - rows.start]) * v;
             // SAFETY: this item alone writes columns `rows` of group `gi`'s hidden rows.
             unsafe { hidden_out[gi].write(t * n_ff + r, h) };
         });

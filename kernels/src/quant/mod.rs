@@ -507,8 +507,9 @@ impl DotKernel {
     /// `sink(r, c, dot(row r, column c))` for the rows of `w` (whole weight rows back to back)
     /// and every column of `cols`, eight weight rows at a time in the lanes of a vector (AVX2) or
     /// sixteen columns (AVX-512 VNNI): the portable kernel's values, bit for bit (within 1e-5 of
-    /// sum |w_i a_i| of what [`Self::run`] gives). Panics unless `w` is a whole number of rows
-    /// and `cols` came from this kernel's [`Self::lane_columns`].
+    /// sum |w_i a_i| of what [`Self::run`] gives). The sink sees the values in the order the
+    /// kernel stores them: column by column (AVX2), row by row (AVX-512 VNNI). Panics unless `w`
+    /// is a whole number of rows and `cols` came from this kernel's [`Self::lane_columns`].
     pub fn run_lanes(&self, w: &[u8], cols: &LaneColumns, mut sink: impl FnMut(usize, usize, f32)) {
         let ty = self.ty;
         assert!(w.len().is_multiple_of(self.w_bytes), "{ty}: {} weight bytes are not whole rows", w.len());
@@ -516,18 +517,32 @@ impl DotKernel {
         {
             let kernel = self.lanes.unwrap_or_else(|| panic!("{ty} has no lanes kernel here"));
             let (n_rows, n_cols) = (w.len() / self.w_bytes, cols.n_cols);
+            if n_rows == 0 || n_cols == 0 {
+                return;
+            }
             // Taken out of the thread-local (and put back): one buffer per thread, as the
             // allocator is shared by all threads.
             let mut out = LANES_OUT.take();
-            out.clear();
-            out.resize(n_rows * n_cols, 0.0);
+            // Every value is written by the kernel: the buffer only grows, never cleared.
+            if out.len() < n_rows * n_cols {
+                out.resize(n_rows * n_cols, 0.0);
+            }
+            let values = &mut out[..n_rows * n_cols];
             // SAFETY: whole rows of `n / block_size` blocks (checked above), `cols` prepared by this
-            // kernel for rows of that length, `out` of `n_rows * n_cols` values; CPU support
+            // kernel for rows of that length, `values` of `n_rows * n_cols` values; CPU support
             // checked in `new`.
-            unsafe { (kernel.run)(w, n_rows, self.n / ty.block_size(), &cols.prepared, &mut out) }
-            for (r, values) in out.chunks_exact(n_cols).enumerate() {
-                for (c, &v) in values.iter().enumerate() {
-                    sink(r, c, v);
+            unsafe { (kernel.run)(w, n_rows, self.n / ty.block_size(), &cols.prepared, values) }
+            if kernel.column_major {
+                for (c, column) in values.chunks_exact(n_rows).enumerate() {
+                    for (r, &v) in column.iter().enumerate() {
+                        sink(r, c, v);
+                    }
+                }
+            } else {
+                for (r, row) in values.chunks_exact(n_cols).enumerate() {
+                    for (c, &v) in row.iter().enumerate() {
+                        sink(r, c, v);
+                    }
                 }
             }
             LANES_OUT.set(out);

@@ -209,16 +209,21 @@ unsafe fn band_columns<const TYPE: u8, const N: usize>(
 }
 
 /// Stores lanes `0..n` of `v`, a band's results for column `c`, as rows `row0..row0 + n` of
-/// `out` (`[row][n_cols]`).
+/// column `c` of `out` (`[column][n_rows]`): one vector store for a whole band.
 ///
 /// # Safety
 /// AVX.
 #[inline(always)]
-pub(super) unsafe fn store_band_column(out: &mut [f32], n_cols: usize, row0: usize, n: usize, c: usize, v: __m256) {
-    let mut values = [0.0f32; BAND_ROWS];
-    unsafe { _mm256_storeu_ps(values.as_mut_ptr(), v) };
-    for (r, &v) in values.iter().enumerate().take(n) {
-        out[(row0 + r) * n_cols + c] = v;
+pub(super) unsafe fn store_band_column(out: &mut [f32], n_rows: usize, row0: usize, n: usize, c: usize, v: __m256) {
+    // A plain move, not `_mm256_storeu_ps`: the copy of a whole band compiles to one vector
+    // store, and no intrinsic is left for the inliner to keep out of line.
+    // SAFETY: `__m256` and `[f32; 8]` have the same size, and every bit pattern is an f32.
+    let values = unsafe { std::mem::transmute::<__m256, [f32; BAND_ROWS]>(v) };
+    let dst = &mut out[c * n_rows + row0..][..n];
+    if n == BAND_ROWS {
+        dst.copy_from_slice(&values);
+    } else {
+        dst.copy_from_slice(&values[..n]);
     }
 }
 
@@ -245,8 +250,8 @@ pub(super) unsafe fn prepare_columns(a: &[&[u8]], nb: usize) -> Prepared {
     cols
 }
 
-/// `out[r * n_cols + c] = dot(row r, column c)` for the `n_rows` rows of `nb` blocks of `TYPE`
-/// in `w` and every column of `cols`.
+/// `out[c * n_rows + r] = dot(row r, column c)` (column-major: a band's eight rows are adjacent)
+/// for the `n_rows` rows of `nb` blocks of `TYPE` in `w` and every column of `cols`.
 ///
 /// # Safety
 /// `w` holds `n_rows` rows of `nb` blocks of `TYPE`, `cols` came from [`prepare_columns`] with
@@ -269,12 +274,12 @@ pub(super) unsafe fn legacy_lanes<const TYPE: u8>(
             transpose_band::<TYPE>(w, row0, n, nb, &mut band);
             for c0 in (0..n_cols - n_cols % 2).step_by(2) {
                 let [v0, v1] = band_columns::<TYPE, 2>(&band, cols, c0, nb);
-                store_band_column(out, n_cols, row0, n, c0, v0);
-                store_band_column(out, n_cols, row0, n, c0 + 1, v1);
+                store_band_column(out, n_rows, row0, n, c0, v0);
+                store_band_column(out, n_rows, row0, n, c0 + 1, v1);
             }
             if n_cols % 2 == 1 {
                 let [v] = band_columns::<TYPE, 1>(&band, cols, n_cols - 1, nb);
-                store_band_column(out, n_cols, row0, n, n_cols - 1, v);
+                store_band_column(out, n_rows, row0, n, n_cols - 1, v);
             }
         }
     }

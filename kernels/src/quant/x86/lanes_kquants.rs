@@ -324,8 +324,8 @@ pub(super) unsafe fn prepare_columns<T: KLanes>(a: &[&[u8]], nb: usize) -> Prepa
     cols
 }
 
-/// `out[r * n_cols + c] = dot(row r, column c)` for the `n_rows` rows of `nb` super-blocks of `T`
-/// in `w` and every column of `cols`.
+/// `out[c * n_rows + r] = dot(row r, column c)` (column-major, as [`super::lanes::legacy_lanes`])
+/// for the `n_rows` rows of `nb` super-blocks of `T` in `w` and every column of `cols`.
 ///
 /// # Safety
 /// `w` holds `n_rows` rows of `nb` super-blocks of `T`, `cols` came from
@@ -343,13 +343,13 @@ pub(super) unsafe fn kquant_lanes<T: KLanes>(w: &[u8], n_rows: usize, nb: usize,
             let mut c0 = 0;
             while c0 + 4 <= n_cols {
                 for (c, v) in T::band_columns::<4>(&band, cols, c0, nb).into_iter().enumerate() {
-                    store_band_column(out, n_cols, row0, n, c0 + c, v);
+                    store_band_column(out, n_rows, row0, n, c0 + c, v);
                 }
                 c0 += 4;
             }
             while c0 < n_cols {
                 let [v] = T::band_columns::<1>(&band, cols, c0, nb);
-                store_band_column(out, n_cols, row0, n, c0, v);
+                store_band_column(out, n_rows, row0, n, c0, v);
                 c0 += 1;
             }
         }

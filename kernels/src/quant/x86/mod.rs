@@ -307,8 +307,10 @@ mod rows_entry {
 /// the vector lanes on AVX2 (`lanes.rs` for Q4_0/Q5_0, `lanes_kquants.rs` for Q3_K and Q4_K),
 /// activation columns in the lanes on AVX-512 VNNI (`tiled_legacy.rs`). `prepare` lays out a
 /// product's columns (rows of `n_blocks` blocks of the type's activation type) once; `run` sets
-/// `out[r * n_cols + c] = dot(row r, column c)` for the `n_rows` rows of `w` (whole rows of
-/// `n_blocks` blocks, back to back).
+/// `out` to `dot(row r, column c)` for the `n_rows` rows of `w` (whole rows of `n_blocks`
+/// blocks, back to back) and every column, in the layout whose index the vector lanes fill:
+/// `out[c * n_rows + r]` when `column_major` (AVX2: a band of rows is one store), else
+/// `out[r * n_cols + c]` (AVX-512 VNNI: a tile of columns is one store).
 ///
 /// Safety of both: the lengths as stated, `cols` from this kernel's `prepare` with the same
 /// `n_blocks`, `out` `n_rows * n_cols` values, and the CPU supports the kernel's instruction set.
@@ -316,6 +318,7 @@ mod rows_entry {
 pub(super) struct LanesKernel {
     pub(super) prepare: unsafe fn(a: &[&[u8]], n_blocks: usize) -> LaneColumns,
     pub(super) run: unsafe fn(w: &[u8], n_rows: usize, n_blocks: usize, cols: &LaneColumns, out: &mut [f32]),
+    pub(super) column_major: bool,
 }
 
 /// A product's columns prepared by a [`LanesKernel`].
@@ -353,7 +356,7 @@ mod lanes_entry {
     use super::{LaneColumns, LanesKernel};
 
     macro_rules! lanes_entry {
-        ($name:ident, $variant:ident, $prepare:expr, $kernel:expr, $features:literal) => {
+        ($name:ident, $variant:ident, $prepare:expr, $kernel:expr, $column_major:literal, $features:literal) => {
             #[doc = concat!("`", stringify!($kernel), "`, built with ", $features, ".")]
             pub(super) const $name: LanesKernel = {
                 /// # Safety
@@ -371,20 +374,21 @@ mod lanes_entry {
                     unsafe { $kernel(w, n_rows, nb, cols, out) }
                 }
 
-                LanesKernel { prepare, run }
+                LanesKernel { prepare, run, column_major: $column_major }
             };
         };
     }
 
-    lanes_entry!(Q4_0_AVX2, Lanes, prepare_columns, legacy_lanes::<Q4_0>, "avx2,fma,f16c");
-    lanes_entry!(Q5_0_AVX2, Lanes, prepare_columns, legacy_lanes::<Q5_0>, "avx2,fma,f16c");
-    lanes_entry!(Q3_K_AVX2, KQuants, lanes_kquants::prepare_columns::<Q3K>, kquant_lanes::<Q3K>, "avx2,fma,f16c");
-    lanes_entry!(Q4_K_AVX2, KQuants, lanes_kquants::prepare_columns::<Q4K>, kquant_lanes::<Q4K>, "avx2,fma,f16c");
+    lanes_entry!(Q4_0_AVX2, Lanes, prepare_columns, legacy_lanes::<Q4_0>, true, "avx2,fma,f16c");
+    lanes_entry!(Q5_0_AVX2, Lanes, prepare_columns, legacy_lanes::<Q5_0>, true, "avx2,fma,f16c");
+    lanes_entry!(Q3_K_AVX2, KQuants, lanes_kquants::prepare_columns::<Q3K>, kquant_lanes::<Q3K>, true, "avx2,fma,f16c");
+    lanes_entry!(Q4_K_AVX2, KQuants, lanes_kquants::prepare_columns::<Q4K>, kquant_lanes::<Q4K>, true, "avx2,fma,f16c");
     lanes_entry!(
         Q4_0_VNNI,
         Tiles,
         lay_out_columns::<Q4_0>,
         legacy_tiled::<Q4_0>,
+        false,
         "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
     );
     lanes_entry!(
@@ -392,6 +396,7 @@ mod lanes_entry {
         Tiles,
         lay_out_columns::<Q5_0>,
         legacy_tiled::<Q5_0>,
+        false,
         "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
     );
     lanes_entry!(
@@ -399,6 +404,7 @@ mod lanes_entry {
         Tiles,
         lay_out_columns::<Q8_0>,
         legacy_tiled::<Q8_0>,
+        false,
         "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
     );
 }
