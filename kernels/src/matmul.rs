@@ -141,35 +141,44 @@ impl<'a> Columns<'a> {
 }
 
 /// `dot(w.row(r), x[t])` for every `r` in `rows` and every activation row `x[t]`, handed to
-/// `sink(r, t, value)`: with the tiled kernel, [`TILED_MAX_ROWS`] weight rows unpacked at a time
-/// for all its columns; the other columns [`MAX_COLS`] activation rows per kernel call, each
-/// group over all of `rows`. Single-threaded: the caller parallelizes. `x` must come from [`Columns::new`] with
-/// `w`'s type and length.
-pub(crate) fn dot_rows(w: &QMatrix, x: &Columns, rows: Range<usize>, mut sink: impl FnMut(usize, usize, f32)) {
+/// `sink(t, r0, values)` in runs: `values[i] = dot(w.row(r0 + i), x[t])`. With the AVX2 lanes
+/// kernels a run is all of a token's rows in the chunk, with one activation row per group too;
+/// otherwise single values. With the tiled kernel, [`TILED_MAX_ROWS`] weight rows unpacked at
+/// a time for all its columns; the other columns [`MAX_COLS`] activation rows per kernel call,
+/// each group over all of `rows`. Single-threaded: the caller parallelizes. `x` must come from
+/// [`Columns::new`] with `w`'s type and length.
+pub(crate) fn dot_rows(w: &QMatrix, x: &Columns, rows: Range<usize>, mut sink: impl FnMut(usize, usize, &[f32])) {
     let kernel = &x.kernel;
     let rb = w.row_bytes();
     if let Some(lanes) = &x.lanes {
-        kernel.run_lanes(&w.data[rows.start * rb..rows.end * rb], lanes, |r, t, v| sink(rows.start + r, t, v));
+        kernel.run_lanes(&w.data[rows.start * rb..rows.end * rb], lanes, |t, r0, values| {
+            sink(t, rows.start + r0, values)
+        });
         return;
     }
     let mut first = 0;
     if let Some(tiled) = &x.tiled {
         for start in rows.clone().step_by(TILED_MAX_ROWS) {
             let end = rows.end.min(start + TILED_MAX_ROWS);
-            kernel.run_tiled(&w.data[start * rb..end * rb], tiled, |r, t, v| sink(start + r, t, v));
+            kernel.run_tiled(&w.data[start * rb..end * rb], tiled, |r, t, v| sink(t, start + r, &[v]));
         }
         first = tiled.n_cols();
     }
     // On the stack: this runs once per work item, and the allocator is shared by all threads.
     let mut values = [0.0f32; MAX_ROWS_PER_CHUNK * MAX_COLS];
     for (group_index, group) in x.rows[first..].chunks(MAX_COLS).enumerate() {
+        let t0 = first + group_index * MAX_COLS;
         for start in rows.clone().step_by(MAX_ROWS_PER_CHUNK) {
             let end = rows.end.min(start + MAX_ROWS_PER_CHUNK);
             let values = &mut values[..(end - start) * group.len()];
             kernel.run_rows(&w.data[start * rb..end * rb], group, values);
+            if group.len() == 1 {
+                sink(t0, start, values);
+                continue;
+            }
             for (r, row_values) in (start..end).zip(values.chunks_exact(group.len())) {
                 for (k, &v) in row_values.iter().enumerate() {
-                    sink(r, first + group_index * MAX_COLS + k, v);
+                    sink(t0 + k, r, &[v]);
                 }
             }
         }
@@ -196,16 +205,20 @@ impl DisjointOut {
         DisjointOut { ptr: out.as_mut_ptr(), len: out.len() }
     }
 
-    /// Writes `value` at index `i`. Panics when `i` is out of bounds.
+    /// Writes `values` at indices `i..i + values.len()`. Panics when that range is out of bounds.
     ///
     /// # Safety
-    /// No other thread reads or writes index `i` while the wrapped slice is shared, and the
+    /// No other thread reads or writes those indices while the wrapped slice is shared, and the
     /// slice is still borrowed.
     #[inline]
-    pub(crate) unsafe fn write(&self, i: usize, value: f32) {
-        assert!(i < self.len, "index {i} of {}", self.len);
-        // SAFETY: in bounds (checked); exclusive per the caller's contract.
-        unsafe { self.ptr.add(i).write(value) }
+    pub(crate) unsafe fn write_run(&self, i: usize, values: impl ExactSizeIterator<Item = f32>) {
+        let n = values.len();
+        assert!(i.checked_add(n).is_some_and(|end| end <= self.len), "indices {i}..{i}+{n} of {}", self.len);
+        for (k, v) in values.enumerate() {
+            // SAFETY: in bounds (checked above, and the iterator yields its stated length);
+            // exclusive per the caller's contract.
+            unsafe { self.ptr.add(i + k).write(v) }
+        }
     }
 }
 
@@ -229,7 +242,7 @@ pub fn matmul(w: &QMatrix, x: &QuantizedActivations, out: &mut [f32]) {
     (0..w.rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
         let range = c * chunk..((c + 1) * chunk).min(w.rows);
         // SAFETY: work item `c` writes only the columns `range` of `out`, disjoint between items.
-        dot_rows(w, &rows, range, |r, t, v| unsafe { dst.write(t * w.rows + r, v) });
+        dot_rows(w, &rows, range, |t, r, vs| unsafe { dst.write_run(t * w.rows + r, vs.iter().copied()) });
     });
 }
 

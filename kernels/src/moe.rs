@@ -226,14 +226,17 @@ pub fn grouped_expert_ffn_quantized<'a>(
     work_items(&groups, |g| g.ffn.gate.rows).into_par_iter().for_each(|(gi, rows)| {
         let (g, gate_in, up_in) = (&groups[gi], &gate_in[gi], &up_in[gi]);
         let (n_tok, n_ff) = (g.route_ids.len(), g.ffn.gate.rows);
-        // `[n_tok, rows]`: the lanes kernels hand out a token's rows in order (AVX2).
+        // `[n_tok, rows]`: a run of a token's rows is contiguous here as in `hidden`.
         let n_item_rows = rows.len();
         let mut gate = vec![0.0f32; n_item_rows * n_tok];
-        dot_rows(&g.ffn.gate, gate_in, rows.clone(), |r, t, v| gate[t * n_item_rows + r - rows.start] = v);
-        dot_rows(&g.ffn.up, up_in, rows.clone(), |r, t, v| {
-            let h = silu(gate[t * n_item_rows + r - rows.start]) * v;
+        dot_rows(&g.ffn.gate, gate_in, rows.clone(), |t, r, vs| {
+            gate[t * n_item_rows + r - rows.start..][..vs.len()].copy_from_slice(vs)
+        });
+        dot_rows(&g.ffn.up, up_in, rows.clone(), |t, r, vs| {
+            let gates = &gate[t * n_item_rows + r - rows.start..][..vs.len()];
+            let h = gates.iter().zip(vs).map(|(&g, &v)| silu(g) * v);
             // SAFETY: this item alone writes columns `rows` of group `gi`'s hidden rows.
-            unsafe { hidden_out[gi].write(t * n_ff + r, h) };
+            unsafe { hidden_out[gi].write_run(t * n_ff + r, h) };
         });
     });
     let acts: Vec<QuantizedActivations> = groups
@@ -252,9 +255,9 @@ pub fn grouped_expert_ffn_quantized<'a>(
         map_groups(&with_acts, n_tokens, |(g, a)| Columns::new(&g.ffn.down, (0..a.n_rows).map(|t| a.row(t)).collect()));
     work_items(&groups, |g| g.ffn.down.rows).into_par_iter().for_each(|(gi, rows)| {
         let g = &groups[gi];
-        dot_rows(&g.ffn.down, &act_rows[gi], rows, |r, t, v| {
+        dot_rows(&g.ffn.down, &act_rows[gi], rows, |t, r, vs| {
             // SAFETY: each route belongs to one group, and this item alone writes columns `rows`.
-            unsafe { results_out.write(g.route_ids[t] * n_embd + r, v) };
+            unsafe { results_out.write_run(g.route_ids[t] * n_embd + r, vs.iter().copied()) };
         });
     });
 

@@ -504,13 +504,14 @@ impl DotKernel {
         None
     }
 
-    /// `sink(r, c, dot(row r, column c))` for the rows of `w` (whole weight rows back to back)
-    /// and every column of `cols`, eight weight rows at a time in the lanes of a vector (AVX2) or
-    /// sixteen columns (AVX-512 VNNI): the portable kernel's values, bit for bit (within 1e-5 of
-    /// sum |w_i a_i| of what [`Self::run`] gives). The sink sees the values in the order the
-    /// kernel stores them: column by column (AVX2), row by row (AVX-512 VNNI). Panics unless `w`
-    /// is a whole number of rows and `cols` came from this kernel's [`Self::lane_columns`].
-    pub fn run_lanes(&self, w: &[u8], cols: &LaneColumns, mut sink: impl FnMut(usize, usize, f32)) {
+    /// `sink(c, r0, values)` with `values[i] = dot(row r0 + i, column c)` for the rows of `w`
+    /// (whole weight rows back to back) and every column of `cols`, eight weight rows at a time
+    /// in the lanes of a vector (AVX2) or sixteen columns (AVX-512 VNNI): the portable kernel's
+    /// values, bit for bit (within 1e-5 of sum |w_i a_i| of what [`Self::run`] gives). The runs
+    /// follow the kernel's stores: each column's rows at once (AVX2), single values row by row
+    /// (AVX-512 VNNI). Panics unless `w` is a whole number of rows and `cols` came from this
+    /// kernel's [`Self::lane_columns`].
+    pub fn run_lanes(&self, w: &[u8], cols: &LaneColumns, mut sink: impl FnMut(usize, usize, &[f32])) {
         let ty = self.ty;
         assert!(w.len().is_multiple_of(self.w_bytes), "{ty}: {} weight bytes are not whole rows", w.len());
         #[cfg(target_arch = "x86_64")]
@@ -534,14 +535,12 @@ impl DotKernel {
             unsafe { (kernel.run)(w, n_rows, self.n / ty.block_size(), &cols.prepared, values) }
             if kernel.column_major {
                 for (c, column) in values.chunks_exact(n_rows).enumerate() {
-                    for (r, &v) in column.iter().enumerate() {
-                        sink(r, c, v);
-                    }
+                    sink(c, 0, column);
                 }
             } else {
                 for (r, row) in values.chunks_exact(n_cols).enumerate() {
                     for (c, &v) in row.iter().enumerate() {
-                        sink(r, c, v);
+                        sink(c, r, &[v]);
                     }
                 }
             }
@@ -848,7 +847,11 @@ mod tests {
                 assert!(kernel.lane_columns(&a[..TILED_MIN_COLS - 1]).is_none());
                 let prepared = kernel.lane_columns(&a).expect("a batch the kernel takes");
                 let mut got = vec![f32::NAN; n_rows * n_cols];
-                kernel.run_lanes(&w, &prepared, |r, c, v| got[r * n_cols + c] = v);
+                kernel.run_lanes(&w, &prepared, |c, r0, vs| {
+                    for (i, &v) in vs.iter().enumerate() {
+                        got[(r0 + i) * n_cols + c] = v;
+                    }
+                });
                 for (i, v) in got.iter().enumerate() {
                     let (r, c) = (i / n_cols, i % n_cols);
                     let row = &w[r * row_bytes..][..row_bytes];
