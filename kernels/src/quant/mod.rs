@@ -736,13 +736,14 @@ mod tests {
     /// `run_rows` over several rows equals `run` row by row bit for bit, in every instruction
     /// set and for 1 to 8 columns, and stays within 1e-5 of sum |w_i a_i| of the portable
     /// kernel; row lengths include block counts that are not a multiple of the several-rows
-    /// kernels' four-block step (their tail path).
+    /// kernels' steps (four blocks on AVX-512 VNNI, eight on AVX2: their tail paths), odd ones
+    /// (a lone last block) and a row shorter than one step.
     #[test]
     fn run_rows_equals_row_by_row() {
         let mut rng = ChaCha8Rng::seed_from_u64(47);
         for ty in [GgmlType::Q4_0, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q6_K] {
             let vt = ty.vec_dot_type();
-            for n in [256, 32 * 7, 32 * 30, 2304] {
+            for n in [32, 32 * 3, 256, 32 * 7, 896, 32 * 30, 2304] {
                 let Some(row_bytes) = ty.row_bytes(n) else { continue };
                 let n_rows = 5;
                 let w: Vec<u8> = (0..n_rows).flat_map(|_| random_row(ty, n, &mut rng)).collect();

@@ -11,8 +11,8 @@
 //! `u8 x i8 -> i32` multiply-add of four byte pairs per lane: AVX2's `vpmaddubsw` + `vpmaddwd`
 //! ([`Avx2`]) or AVX-512 VNNI's single `vpdpbusd` on 256-bit registers ([`Vnni`], which also
 //! brings 32 vector registers and byte masks), except Q4_0, Q5_0 and Q8_0 on AVX2, whose
-//! kernel prepares the activations once per call for all its rows (`legacy::prepared_rows`:
-//! `d_a` as f32, and Q4_0's and Q5_0's offset taken off through the activations). The
+//! kernel prepares the activations once per call for all its rows and folds eight blocks' sums
+//! into one vector before scaling them (`rows_avx2.rs`). The
 //! 256-bit k-quant kernels (`kquants.rs`) take
 //! `vpmaddubsw` then `vpmaddwd` by the sub-block scales, in both builds. The AVX-512 VNNI build
 //! uses 512-bit kernels instead for Q3_K, Q4_K, Q6_K (`wide.rs`) and, several weight rows per
@@ -39,6 +39,7 @@ mod lanes;
 mod lanes_kquants;
 mod legacy;
 mod rows;
+mod rows_avx2;
 pub(crate) mod tiled;
 mod tiled_legacy;
 mod wide;
@@ -154,7 +155,7 @@ pub(super) type RawKernel = unsafe fn(w: &[u8], n_rows: usize, a: &[&[u8]], n_bl
 
 /// The kernel for weights of type `ty` compiled for `isa`; `None` for the float types, which
 /// have no SIMD kernel here. Q4_0, Q5_0 and Q8_0 take the kernels that prepare the activations
-/// once per call for all its rows (`rows.rs` on AVX-512 VNNI, `legacy::prepared_rows` on AVX2);
+/// once per call for all its rows (`rows.rs` on AVX-512 VNNI, `rows_avx2.rs` on AVX2);
 /// a single row goes through the same kernel, so that every dot product of such a matrix takes
 /// the same arithmetic.
 pub(super) fn kernel(ty: GgmlType, isa: X86Isa) -> Option<RawKernel> {
@@ -264,10 +265,10 @@ entry_points!(q5_1, legacy::q5_1);
 
 /// The [`RawKernel`]s whose body takes the rows itself (it prepares the activations once per
 /// call for all of them), dispatching on the column count: the several-rows kernels of
-/// `rows.rs` (AVX-512 VNNI) and `legacy::prepared_rows` (AVX2), both for Q4_0, Q5_0 and Q8_0.
+/// `rows.rs` (AVX-512 VNNI) and `rows_avx2.rs` (AVX2), both for Q4_0, Q5_0 and Q8_0.
 mod rows_entry {
-    use super::legacy::prepared_rows;
     use super::rows::legacy_rows;
+    use super::rows_avx2::legacy_rows_avx2;
     use super::wide::{Q4_0, Q5_0, Q8_0};
 
     macro_rules! rows_entry {
@@ -298,9 +299,9 @@ mod rows_entry {
     rows_entry!(q4_0, legacy_rows::<Q4_0>, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", "AVX-512 VNNI");
     rows_entry!(q5_0, legacy_rows::<Q5_0>, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", "AVX-512 VNNI");
     rows_entry!(q8_0, legacy_rows::<Q8_0>, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", "AVX-512 VNNI");
-    rows_entry!(q4_0_avx2, prepared_rows::<Q4_0>, "avx2,fma,f16c", "AVX2 + FMA + F16C");
-    rows_entry!(q5_0_avx2, prepared_rows::<Q5_0>, "avx2,fma,f16c", "AVX2 + FMA + F16C");
-    rows_entry!(q8_0_avx2, prepared_rows::<Q8_0>, "avx2,fma,f16c", "AVX2 + FMA + F16C");
+    rows_entry!(q4_0_avx2, legacy_rows_avx2::<Q4_0>, "avx2,fma,f16c", "AVX2 + FMA + F16C");
+    rows_entry!(q5_0_avx2, legacy_rows_avx2::<Q5_0>, "avx2,fma,f16c", "AVX2 + FMA + F16C");
+    rows_entry!(q8_0_avx2, legacy_rows_avx2::<Q8_0>, "avx2,fma,f16c", "AVX2 + FMA + F16C");
 }
 
 /// A GEMM kernel for batches of columns, bit-identical to the portable kernel: weight rows in
