@@ -70,6 +70,24 @@ impl KvRows<'_> {
         self.read_range(slot, elems, buf)
     }
 
+    /// [`Self::read_head`] into `out` (`elems.len()` long), through `buf` (`row_elems` long)
+    /// only where the range has to be decoded with the rest of its row.
+    #[inline(always)]
+    fn read_head_into<const F16C: bool>(
+        &self,
+        slot: usize,
+        elems: std::ops::Range<usize>,
+        out: &mut [f32],
+        buf: &mut [f32],
+    ) {
+        let block = self.ty.block_size();
+        if elems.start.is_multiple_of(block) && elems.len().is_multiple_of(block) {
+            self.read_head::<F16C>(slot, elems, out);
+        } else {
+            out.copy_from_slice(self.read_head::<F16C>(slot, elems, buf));
+        }
+    }
+
     /// Elements `elems` of row `slot`, decoded: only those blocks when the range is
     /// block-aligned, else the whole row into `buf` (`row_elems` long) and the range of it.
     fn read_range<'b>(&self, slot: usize, elems: std::ops::Range<usize>, buf: &'b mut [f32]) -> &'b [f32] {
@@ -102,6 +120,10 @@ pub struct KvPair<'a> {
 pub struct AttentionScratch {
     scores: Vec<f32>,
     row: Vec<f32>,
+    /// A tile of decoded value rows, `[SLOT_TILE][head_dim]`.
+    values: Vec<f32>,
+    /// One slot's scores, `[group]`.
+    slot_scores: Vec<f32>,
 }
 
 /// Attention output of one query token for the query heads of KV head `kv_head`.
@@ -172,10 +194,12 @@ fn attend_body<const F16C: bool>(
     let scores = &mut scratch.scores;
     let head = kv_head * head_dim..(kv_head + 1) * head_dim;
 
+    scratch.slot_scores.resize(group, 0.0);
     for (j, &slot) in slots.iter().enumerate() {
         let k = keys.read_head::<F16C>(slot, head.clone(), &mut scratch.row);
-        for (h, qh) in q.chunks_exact(head_dim).enumerate() {
-            scores[h * n + j] = dot(qh, k) * scale;
+        head_dots::<F16C>(q, k, &mut scratch.slot_scores);
+        for (h, &s) in scratch.slot_scores.iter().enumerate() {
+            scores[h * n + j] = s * scale;
         }
     }
     for s in scores.chunks_exact_mut(n) {
@@ -189,25 +213,86 @@ fn attend_body<const F16C: bool>(
         s.iter_mut().for_each(|v| *v *= inv);
     }
     out.fill(0.0);
-    for (j, &slot) in slots.iter().enumerate() {
-        let v = values.read_head::<F16C>(slot, head.clone(), &mut scratch.row);
+    let tile = ValueTile { rows: &mut scratch.values, buf: &mut scratch.row };
+    add_weighted_values::<F16C>(values, head, slots, scores, tile, out);
+}
+
+/// Scratch of [`add_weighted_values`]: decoded value rows and a whole row's buffer.
+struct ValueTile<'a> {
+    /// `[SLOT_TILE][head_dim]`.
+    rows: &'a mut Vec<f32>,
+    /// `row_elems` long, for rows decoded whole.
+    buf: &'a mut [f32],
+}
+
+/// `out[h] += sum_j p[h][j] * v_j` for the query heads of `out` (`[group, head_dim]`), `p` the
+/// softmaxed scores (`[group, slots.len()]`) and `v_j` elements `head` of value row
+/// `slots[j]`. Each output element adds its products in slot order, as a plain loop over the
+/// slots would (so the result does not depend on the tiling); tiled so that [`OUT_TILE`]
+/// elements stay in registers over a tile of [`SLOT_TILE`] slots, whose value rows are decoded
+/// once for every head.
+#[inline(always)]
+fn add_weighted_values<const F16C: bool>(
+    values: KvRows<'_>,
+    head: std::ops::Range<usize>,
+    slots: &[usize],
+    p: &[f32],
+    tile: ValueTile<'_>,
+    out: &mut [f32],
+) {
+    let (head_dim, n) = (head.len(), slots.len());
+    tile.rows.resize(SLOT_TILE * head_dim, 0.0);
+    for (t, tile_slots) in slots.chunks(SLOT_TILE).enumerate() {
+        for (&slot, v) in tile_slots.iter().zip(tile.rows.chunks_exact_mut(head_dim)) {
+            values.read_head_into::<F16C>(slot, head.clone(), v, tile.buf);
+        }
+        let rows = || tile.rows.chunks_exact(head_dim);
         for (h, o) in out.chunks_exact_mut(head_dim).enumerate() {
-            let p = scores[h * n + j];
-            for (o, &x) in o.iter_mut().zip(v) {
-                *o += p * x;
+            let p = &p[h * n + t * SLOT_TILE..][..tile_slots.len()];
+            for (d0, o) in (0..head_dim).step_by(OUT_TILE).zip(o.chunks_mut(OUT_TILE)) {
+                if let Ok(o) = <&mut [f32; OUT_TILE]>::try_from(&mut *o) {
+                    let mut acc = *o;
+                    for (&p, v) in p.iter().zip(rows()) {
+                        let v: &[f32; OUT_TILE] = v[d0..d0 + OUT_TILE].try_into().expect("a whole tile");
+                        for (a, &x) in acc.iter_mut().zip(v) {
+                            *a += p * x;
+                        }
+                    }
+                    *o = acc;
+                } else {
+                    for (&p, v) in p.iter().zip(rows()) {
+                        for (a, &x) in o.iter_mut().zip(&v[d0..]) {
+                            *a += p * x;
+                        }
+                    }
+                }
             }
         }
     }
 }
 
+/// Slots whose value rows are decoded together, then read by every query head of the group.
+const SLOT_TILE: usize = 64;
+/// Output elements a query head accumulates in registers over a tile of slots (eight AVX2
+/// vectors).
+const OUT_TILE: usize = 64;
+
 /// Lanes of [`dot`]'s independent partial sums.
 const DOT_LANES: usize = 16;
 
 /// `sum(a[i] * b[i])` in [`DOT_LANES`] interleaved partial sums (lane `l` takes the indices
-/// `i % DOT_LANES == l`, the tail goes to lane `i % DOT_LANES` as well), added lane by lane at
-/// the end: vectorizes, and its rounding does not depend on the vector width.
+/// `i % DOT_LANES == l`, the tail goes to lane `i % DOT_LANES` as well), then added by halves:
+/// lane `l` plus lane `l + 8`, then `+ 4`, `+ 2`, `+ 1`. The partial sums vectorize, the final
+/// sum is four vector adds rather than sixteen dependent scalar ones, and the rounding does not
+/// depend on the vector width. `AVX`: the caller's build has AVX (the `attend_avx2` build), and
+/// lengths that are a whole number of [`DOT_LANES`] take [`dot_avx`], the same operations.
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<const AVX: bool>(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if AVX && a.len() == b.len() && a.len().is_multiple_of(DOT_LANES) {
+        // SAFETY: `AVX` is true only in a build with AVX enabled.
+        return unsafe { dot_avx(a, b) };
+    }
     let mut acc = [0.0f32; DOT_LANES];
     let (a_chunks, a_tail) = a.as_chunks::<DOT_LANES>();
     let (b_chunks, b_tail) = b.as_chunks::<DOT_LANES>();
@@ -219,7 +304,99 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     for (l, (x, y)) in a_tail.iter().zip(b_tail).enumerate() {
         acc[l] += x * y;
     }
-    acc.iter().sum()
+    let s8: [f32; 8] = std::array::from_fn(|l| acc[l] + acc[l + 8]);
+    let s4: [f32; 4] = std::array::from_fn(|l| s8[l] + s8[l + 4]);
+    (s4[0] + s4[2]) + (s4[1] + s4[3])
+}
+
+/// `out[h] = dot(q[h], k)` for the query heads `q` (`[out.len(), k.len()]`); `AVX` as in
+/// [`dot`], where heads go four at a time through [`dot4_avx`].
+#[inline(always)]
+fn head_dots<const AVX: bool>(q: &[f32], k: &[f32], out: &mut [f32]) {
+    let d = k.len();
+    #[cfg(target_arch = "x86_64")]
+    if AVX && d.is_multiple_of(DOT_LANES) {
+        let (fours, rest) = out.as_chunks_mut::<4>();
+        for (h4, o) in fours.iter_mut().enumerate() {
+            // SAFETY: `AVX` is true only in a build with AVX enabled; four heads of `d`.
+            *o = unsafe { dot4_avx(&q[4 * h4 * d..][..4 * d], k) };
+        }
+        let first = 4 * fours.len();
+        for (h, o) in rest.iter_mut().enumerate() {
+            // SAFETY: as above.
+            *o = unsafe { dot_avx(&q[(first + h) * d..][..d], k) };
+        }
+        return;
+    }
+    for (qh, o) in q.chunks_exact(d).zip(out) {
+        *o = dot::<false>(qh, k);
+    }
+}
+
+/// The sum of [`dot_avx`]'s two vectors of partial sums by halves, as [`dot`] adds them.
+///
+/// # Safety
+/// AVX.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn sum_by_halves(low: std::arch::x86_64::__m256, high: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    unsafe {
+        let s8 = _mm256_add_ps(low, high);
+        let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps::<1>(s8));
+        // Lanes 0 and 1: `s4[0] + s4[2]` and `s4[1] + s4[3]`.
+        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)))
+    }
+}
+
+/// [`dot`] of four query heads `q` (`[4, k.len()]`) with `k` at once: the same operations per
+/// head as [`dot_avx`], eight independent chains of adds instead of two.
+///
+/// # Safety
+/// AVX; `q.len() == 4 * k.len()`, `k.len()` a multiple of [`DOT_LANES`].
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn dot4_avx(q: &[f32], k: &[f32]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    let d = k.len();
+    unsafe {
+        let mut low = [_mm256_setzero_ps(); 4];
+        let mut high = [_mm256_setzero_ps(); 4];
+        for i in (0..d).step_by(DOT_LANES) {
+            let (kl, kh) = (_mm256_loadu_ps(k.as_ptr().add(i)), _mm256_loadu_ps(k.as_ptr().add(i + 8)));
+            for h in 0..4 {
+                let qh = q.as_ptr().add(h * d + i);
+                low[h] = _mm256_add_ps(low[h], _mm256_mul_ps(_mm256_loadu_ps(qh), kl));
+                high[h] = _mm256_add_ps(high[h], _mm256_mul_ps(_mm256_loadu_ps(qh.add(8)), kh));
+            }
+        }
+        let mut out = [0.0f32; 4];
+        for h in 0..4 {
+            out[h] = sum_by_halves(low[h], high[h]);
+        }
+        out
+    }
+}
+
+/// [`dot`] of two equal-length slices of a whole number of [`DOT_LANES`] on 256-bit vectors:
+/// lanes `0..8` and `8..16` of the partial sums in one vector each.
+///
+/// # Safety
+/// AVX; `a.len() == b.len()`, a multiple of [`DOT_LANES`].
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn dot_avx(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    unsafe {
+        let (mut low, mut high) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for (x, y) in a.chunks_exact(DOT_LANES).zip(b.chunks_exact(DOT_LANES)) {
+            let (x, y) = (x.as_ptr(), y.as_ptr());
+            low = _mm256_add_ps(low, _mm256_mul_ps(_mm256_loadu_ps(x), _mm256_loadu_ps(y)));
+            high = _mm256_add_ps(high, _mm256_mul_ps(_mm256_loadu_ps(x.add(8)), _mm256_loadu_ps(y.add(8))));
+        }
+        sum_by_halves(low, high)
+    }
 }
 
 #[cfg(test)]
@@ -234,7 +411,7 @@ mod tests {
             let b: Vec<f32> = (0..n).map(|i| ((i * 11 % 23) as f32 - 11.0) * 0.11).collect();
             let exact: f64 = a.iter().zip(&b).map(|(&x, &y)| f64::from(x) * f64::from(y)).sum();
             let abs: f64 = a.iter().zip(&b).map(|(&x, &y)| (f64::from(x) * f64::from(y)).abs()).sum();
-            assert!((f64::from(dot(&a, &b)) - exact).abs() <= 1e-6 * abs, "n={n}");
+            assert!((f64::from(dot::<false>(&a, &b)) - exact).abs() <= 1e-6 * abs, "n={n}");
         }
     }
 
@@ -242,29 +419,33 @@ mod tests {
         v.iter().flat_map(|x| x.to_le_bytes()).collect()
     }
 
-    /// The dispatched build (F16C conversion of F16 rows where the CPU has it) against the
-    /// portable body: bit-identical, at Mellum2's head shape over F16 rows.
+    /// The dispatched build (F16C conversion of F16 rows, four heads' dots at once, value rows
+    /// in tiles) against the portable body: bit-identical over F16 rows, at Mellum2's head shape
+    /// over more slots than a tile, and at a group of six heads (four, then two alone) of 80
+    /// elements (a partial output tile).
     #[test]
     fn f16_rows_give_the_portable_bits() {
-        let shape = AttentionShape { n_head: 32, n_head_kv: 4, head_dim: 128, scale: 128f32.sqrt().recip() };
-        let (row_elems, n_slots) = (4 * 128, 37);
-        let f16_rows = |salt: usize| -> Vec<u8> {
-            (0..n_slots * row_elems)
-                .flat_map(|i| half::f16::from_f32(((i * 7919 + salt) % 2001) as f32 / 1000.0 - 1.0).to_le_bytes())
-                .collect()
-        };
-        let (kb, vb) = (f16_rows(3), f16_rows(11));
-        let keys = KvRows { ty: GgmlType::F16, row_elems, data: &kb };
-        let values = KvRows { ty: GgmlType::F16, row_elems, data: &vb };
-        let q: Vec<f32> = (0..8 * 128).map(|i| ((i * 31 % 97) as f32 - 48.0) / 50.0).collect();
-        let slots: Vec<usize> = (0..n_slots).rev().step_by(2).collect();
-        let mut scratch = AttentionScratch::default();
-        for kv_head in 0..4 {
-            let (mut fast, mut portable) = (vec![0.0f32; 8 * 128], vec![0.0f32; 8 * 128]);
-            attend(shape, kv_head, &q, KvPair { keys, values }, &slots, &mut scratch, &mut fast);
-            attend_body::<false>(shape, kv_head, &q, KvPair { keys, values }, &slots, &mut scratch, &mut portable);
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&fast), bits(&portable), "KV head {kv_head}");
+        for (n_head, head_dim, n_slots) in [(32, 128, 150), (24, 80, 37)] {
+            let shape = AttentionShape { n_head, n_head_kv: 4, head_dim, scale: (head_dim as f32).sqrt().recip() };
+            let (row_elems, group) = (4 * head_dim, n_head / 4);
+            let f16_rows = |salt: usize| -> Vec<u8> {
+                (0..n_slots * row_elems)
+                    .flat_map(|i| half::f16::from_f32(((i * 7919 + salt) % 2001) as f32 / 1000.0 - 1.0).to_le_bytes())
+                    .collect()
+            };
+            let (kb, vb) = (f16_rows(3), f16_rows(11));
+            let keys = KvRows { ty: GgmlType::F16, row_elems, data: &kb };
+            let values = KvRows { ty: GgmlType::F16, row_elems, data: &vb };
+            let q: Vec<f32> = (0..group * head_dim).map(|i| ((i * 31 % 97) as f32 - 48.0) / 50.0).collect();
+            let slots: Vec<usize> = (0..n_slots).rev().step_by(2).collect();
+            let mut scratch = AttentionScratch::default();
+            for kv_head in 0..4 {
+                let (mut fast, mut portable) = (vec![0.0f32; group * head_dim], vec![0.0f32; group * head_dim]);
+                attend(shape, kv_head, &q, KvPair { keys, values }, &slots, &mut scratch, &mut fast);
+                attend_body::<false>(shape, kv_head, &q, KvPair { keys, values }, &slots, &mut scratch, &mut portable);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&fast), bits(&portable), "{n_head} heads of {head_dim}, KV head {kv_head}");
+            }
         }
     }
 
