@@ -65,7 +65,8 @@ pub struct ModelArgs {
     #[arg(long = "cache-type-v", default_value = "f16", value_parser = parse_kv_type)]
     pub cache_type_v: KvType,
     /// Read the model into memory instead of mapping it (llama.cpp's `--no-mmap`): the weights
-    /// then stay resident even where the kernel reclaims page cache aggressively.
+    /// then stay resident even where the kernel reclaims page cache aggressively, on
+    /// transparent huge pages where the kernel has them.
     #[arg(long = "no-mmap")]
     pub no_mmap: bool,
     /// Worker pooling options.

@@ -131,7 +131,7 @@ impl GgufFile {
     /// [`GgufError::Io`] when the file cannot be read, else the first problem found.
     pub fn read(path: impl AsRef<Path>) -> Result<GgufFile, GgufError> {
         let path = path.as_ref().to_path_buf();
-        let bytes = std::fs::read(&path).map_err(|source| GgufError::Io { file: path.clone(), source })?;
+        let bytes = read_with_huge_pages(&path).map_err(|source| GgufError::Io { file: path.clone(), source })?;
         GgufFile::parse(path, Bytes::Owned(bytes))
     }
 
@@ -402,4 +402,35 @@ pub(crate) fn tensor_n_bytes(dims: &[u64], ty: GgmlType) -> Result<u64, ShapeErr
         .checked_mul(ty.type_size() as u64)
         .and_then(|row_bytes| row_bytes.checked_mul(rows))
         .ok_or(ShapeError::Overflow)
+}
+
+/// The whole file at `path`, read into a buffer for which the kernel is asked for transparent
+/// huge pages (`madvise(MADV_HUGEPAGE)`, on Linux): where THP is in its `madvise` mode, the
+/// default of most distributions, the buffer would otherwise sit on 4 KiB pages, and streaming
+/// the weights through them costs a TLB miss every 4 KiB. The advice is only a hint: a kernel
+/// without THP, or without free huge pages, leaves the pages small.
+fn read_with_huge_pages(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut file = File::open(path)?;
+    let len = usize::try_from(file.metadata()?.len()).unwrap_or(usize::MAX);
+    let mut bytes = Vec::with_capacity(len);
+    #[cfg(target_os = "linux")]
+    advise_huge_pages(bytes.spare_capacity_mut());
+    file.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// `madvise(MADV_HUGEPAGE)` over the whole 2 MiB pages inside `buf`; errors are ignored (the
+/// advice only changes page sizes).
+#[cfg(target_os = "linux")]
+fn advise_huge_pages(buf: &mut [std::mem::MaybeUninit<u8>]) {
+    const HUGE_PAGE: usize = 2 << 20;
+    let start = buf.as_mut_ptr() as usize;
+    let first = start.next_multiple_of(HUGE_PAGE);
+    let end = (start + buf.len()) / HUGE_PAGE * HUGE_PAGE;
+    if end > first {
+        // SAFETY: the range lies inside `buf`, which this process owns; MADV_HUGEPAGE changes
+        // no contents.
+        unsafe { libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_HUGEPAGE) };
+    }
 }
