@@ -25,10 +25,10 @@
 //! Q4_0 and Q5_0 the offsets) in the step's lane order, and for Q4_0 and Q5_0 each pair's `lo`
 //! and `hi`.
 //!
-//! Exactness: each block's integer sum is exact (`|sum| <= 32 * 31 * 128`, and within i16 at
-//! every `vpmaddubsw` pair: Q4_0/Q5_0 `2 * 2 * 31 * 128` after adding `lo`'s and `hi`'s pairs,
-//! Q8_0 `2 * 127 * 128`) and converts to f32 exactly; the f32 products and lane sums round in an
-//! order fixed per column, whatever the column or row count.
+//! Exactness: each block's integer sum is exact (within i16 at every `vpmaddubsw` pair: Q4_0 and
+//! Q5_0 at most `2 * 2 * 31 * 128` after adding `lo`'s and `hi`'s pairs, Q8_0 `2 * 127 * 128`)
+//! and converts to f32 exactly (at most `32 * 127 * 128`, below 2^24); the f32 products and lane
+//! sums round in an order fixed per column, whatever the column or row count.
 
 use std::arch::x86_64::*;
 use std::cell::Cell;
