@@ -150,9 +150,10 @@ pub fn attend(
     attend_body::<false>(shape, kv_head, q, kv, slots, scratch, out);
 }
 
-/// [`attend`] compiled for AVX2 (the same operations in the same order: bit-identical results,
-/// wider vectors for the independent lanes of [`dot`] and the value accumulation), F16 cache
-/// rows converted with F16C's `vcvtph2ps` (exact, as the portable conversion is).
+/// [`attend`] compiled for AVX2 (the same operations in the same order: bit-identical results;
+/// [`dot`]'s lanes in explicit 256-bit vectors for four query heads at once, the value
+/// accumulation vectorized over register-held tiles), F16 cache rows converted with F16C's
+/// `vcvtph2ps` (exact, as the portable conversion is).
 ///
 /// # Safety
 /// The CPU must support AVX2 and F16C.
@@ -171,7 +172,8 @@ unsafe fn attend_avx2(
 }
 
 /// The body of [`attend`], inlined into each build; `F16C`: F16 rows are converted with F16C
-/// (only in a build with that feature enabled).
+/// and the `q . k` dots take explicit AVX vectors (only in the build with those features
+/// enabled, [`attend_avx2`]).
 #[inline(always)]
 fn attend_body<const F16C: bool>(
     shape: AttentionShape,
