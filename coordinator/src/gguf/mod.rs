@@ -408,12 +408,15 @@ pub(crate) fn tensor_n_bytes(dims: &[u64], ty: GgmlType) -> Result<u64, ShapeErr
 /// huge pages (`madvise(MADV_HUGEPAGE)`, on Linux): where THP is in its `madvise` mode, the
 /// default of most distributions, the buffer would otherwise sit on 4 KiB pages, and streaming
 /// the weights through them costs a TLB miss every 4 KiB. The advice is only a hint: a kernel
-/// without THP, or without free huge pages, leaves the pages small.
+/// without THP, or without free huge pages, leaves the pages small. A file larger than the
+/// memory that can be reserved for it is an `OutOfMemory` error, as with `std::fs::read`.
 fn read_with_huge_pages(path: &Path) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
+    use std::io::{Error, ErrorKind, Read};
     let mut file = File::open(path)?;
-    let len = usize::try_from(file.metadata()?.len()).unwrap_or(usize::MAX);
-    let mut bytes = Vec::with_capacity(len);
+    let len = usize::try_from(file.metadata()?.len())
+        .map_err(|_| Error::new(ErrorKind::OutOfMemory, "the file is larger than this platform's address space"))?;
+    let mut bytes = Vec::new();
+    bytes.try_reserve_exact(len).map_err(|e| Error::new(ErrorKind::OutOfMemory, e))?;
     #[cfg(target_os = "linux")]
     advise_huge_pages(bytes.spare_capacity_mut());
     file.read_to_end(&mut bytes)?;
