@@ -286,15 +286,9 @@ const DOT_LANES: usize = 16;
 /// `i % DOT_LANES == l`, the tail goes to lane `i % DOT_LANES` as well), then added by halves:
 /// lane `l` plus lane `l + 8`, then `+ 4`, `+ 2`, `+ 1`. The partial sums vectorize, the final
 /// sum is four vector adds rather than sixteen dependent scalar ones, and the rounding does not
-/// depend on the vector width. `AVX`: the caller's build has AVX (the `attend_avx2` build), and
-/// lengths that are a whole number of [`DOT_LANES`] take [`dot_avx`], the same operations.
+/// depend on the vector width: [`dot_avx`] and [`dot4_avx`] give the same bits.
 #[inline(always)]
-fn dot<const AVX: bool>(a: &[f32], b: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if AVX && a.len() == b.len() && a.len().is_multiple_of(DOT_LANES) {
-        // SAFETY: `AVX` is true only in a build with AVX enabled.
-        return unsafe { dot_avx(a, b) };
-    }
+fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; DOT_LANES];
     let (a_chunks, a_tail) = a.as_chunks::<DOT_LANES>();
     let (b_chunks, b_tail) = b.as_chunks::<DOT_LANES>();
@@ -311,8 +305,9 @@ fn dot<const AVX: bool>(a: &[f32], b: &[f32]) -> f32 {
     (s4[0] + s4[2]) + (s4[1] + s4[3])
 }
 
-/// `out[h] = dot(q[h], k)` for the query heads `q` (`[out.len(), k.len()]`); `AVX` as in
-/// [`dot`], where heads go four at a time through [`dot4_avx`].
+/// `out[h] = dot(q[h], k)` for the query heads `q` (`[out.len(), k.len()]`). `AVX`: the caller's
+/// build has AVX (the `attend_avx2` build); then rows of a whole number of [`DOT_LANES`] go four
+/// heads at a time through [`dot4_avx`], the rest through [`dot_avx`], the same operations.
 #[inline(always)]
 fn head_dots<const AVX: bool>(q: &[f32], k: &[f32], out: &mut [f32]) {
     let d = k.len();
@@ -331,7 +326,7 @@ fn head_dots<const AVX: bool>(q: &[f32], k: &[f32], out: &mut [f32]) {
         return;
     }
     for (qh, o) in q.chunks_exact(d).zip(out) {
-        *o = dot::<false>(qh, k);
+        *o = dot(qh, k);
     }
 }
 
@@ -413,7 +408,7 @@ mod tests {
             let b: Vec<f32> = (0..n).map(|i| ((i * 11 % 23) as f32 - 11.0) * 0.11).collect();
             let exact: f64 = a.iter().zip(&b).map(|(&x, &y)| f64::from(x) * f64::from(y)).sum();
             let abs: f64 = a.iter().zip(&b).map(|(&x, &y)| (f64::from(x) * f64::from(y)).abs()).sum();
-            assert!((f64::from(dot::<false>(&a, &b)) - exact).abs() <= 1e-6 * abs, "n={n}");
+            assert!((f64::from(dot(&a, &b)) - exact).abs() <= 1e-6 * abs, "n={n}");
         }
     }
 

@@ -143,10 +143,11 @@ impl<'a> Columns<'a> {
 /// `dot(w.row(r), x[t])` for every `r` in `rows` and every activation row `x[t]`, handed to
 /// `sink(t, r0, values)` in runs: `values[i] = dot(w.row(r0 + i), x[t])`. A run is all of a
 /// token's rows in the chunk with the AVX2 lanes kernels, and in the per-row path when a group
-/// holds one activation row (decoding); otherwise single values. With the tiled kernel, [`TILED_MAX_ROWS`] weight rows unpacked at
-/// a time for all its columns; the other columns [`MAX_COLS`] activation rows per kernel call,
-/// each group over all of `rows`. Single-threaded: the caller parallelizes. `x` must come from
-/// [`Columns::new`] with `w`'s type and length.
+/// holds one activation row (decoding); otherwise single values. With the tiled kernel,
+/// [`TILED_MAX_ROWS`] weight rows unpacked at a time for all its columns; the other columns
+/// [`MAX_COLS`] activation rows per kernel call, each group over all of `rows`.
+/// Single-threaded: the caller parallelizes. `x` must come from [`Columns::new`] with `w`'s type
+/// and length.
 pub(crate) fn dot_rows(w: &QMatrix, x: &Columns, rows: Range<usize>, mut sink: impl FnMut(usize, usize, &[f32])) {
     let kernel = &x.kernel;
     let rb = w.row_bytes();

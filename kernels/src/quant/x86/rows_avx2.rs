@@ -267,7 +267,7 @@ unsafe fn add_step<const TYPE: u8, const C: usize>(
             }
         } else {
             // Two pairs at a time, each column's two pair vectors folded at once.
-            let mut halves = [[_mm256_setzero_si256(); 2]; C];
+            let mut folded = [[_mm256_setzero_si256(); 2]; C];
             for h in 0..2 {
                 let zero = Pair { lo: _mm256_setzero_si256(), hi: _mm256_setzero_si256() };
                 let mut w = [zero; 2];
@@ -285,11 +285,11 @@ unsafe fn add_step<const TYPE: u8, const C: usize>(
                             sums[i] = pair_sum(&w[i], &pairs[c][2 * h + i]);
                         }
                     }
-                    halves[c][h] = _mm256_hadd_epi32(sums[0], sums[1]);
+                    folded[c][h] = _mm256_hadd_epi32(sums[0], sums[1]);
                 }
             }
             for c in 0..C {
-                isum[c] = _mm256_add_epi32(_mm256_hadd_epi32(halves[c][0], halves[c][1]), step[c].start);
+                isum[c] = _mm256_add_epi32(_mm256_hadd_epi32(folded[c][0], folded[c][1]), step[c].start);
             }
         }
         let dw = step_scales(b, bytes, blocks);
