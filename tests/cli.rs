@@ -156,6 +156,7 @@ fn missing_model_file_is_named() {
     let path = temp_path("does-not-exist.gguf");
     let err = run_fails(&path);
     assert!(err.contains(path.to_str().unwrap()), "{err}");
+    assert_eq!(err.matches("(os error 2)").count(), 1, "the OS error is named once: {err}");
 }
 
 #[test]

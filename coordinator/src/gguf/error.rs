@@ -10,13 +10,15 @@ use moeshard_kernels::quant::GgmlType;
 /// unless the message says otherwise.
 #[derive(thiserror::Error, Debug)]
 pub enum GgufError {
-    /// The file could not be opened or memory-mapped.
-    #[error("{}: cannot open: {source}", .file.display())]
+    /// The file could not be opened or memory-mapped. The operating system's error is part of
+    /// the message and is not repeated as the error's `source()`, so that a printed chain names
+    /// it once.
+    #[error("{}: cannot open: {os_error}", .file.display())]
     Io {
         /// The file.
         file: PathBuf,
         /// The operating system's error.
-        source: std::io::Error,
+        os_error: std::io::Error,
     },
     /// The file does not start with the magic `GGUF`.
     #[error("{}: not a GGUF file: bad magic \"{found}\", expected \"GGUF\"", .file.display())]

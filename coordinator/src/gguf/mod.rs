@@ -114,7 +114,7 @@ impl GgufFile {
     /// [`GgufError::Io`] when the file cannot be opened or mapped, else the first problem found.
     pub fn open(path: impl AsRef<Path>) -> Result<GgufFile, GgufError> {
         let path = path.as_ref().to_path_buf();
-        let io_err = |source| GgufError::Io { file: path.clone(), source };
+        let io_err = |os_error| GgufError::Io { file: path.clone(), os_error };
         let file = File::open(&path).map_err(io_err)?;
         // SAFETY: the map is read-only and private to this process; as documented above, the
         // file must not be truncated or rewritten while it is open, as for every mmap-based
@@ -131,7 +131,7 @@ impl GgufFile {
     /// [`GgufError::Io`] when the file cannot be read, else the first problem found.
     pub fn read(path: impl AsRef<Path>) -> Result<GgufFile, GgufError> {
         let path = path.as_ref().to_path_buf();
-        let bytes = read_with_huge_pages(&path).map_err(|source| GgufError::Io { file: path.clone(), source })?;
+        let bytes = read_with_huge_pages(&path).map_err(|os_error| GgufError::Io { file: path.clone(), os_error })?;
         GgufFile::parse(path, Bytes::Owned(bytes))
     }
 

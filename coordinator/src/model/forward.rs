@@ -40,13 +40,14 @@ pub enum ForwardError {
         /// Vocabulary size.
         n_vocab: usize,
     },
-    /// The expert backend failed.
-    #[error("experts of layer {layer}: {source}")]
+    /// The expert backend failed. Its error's whole chain is part of the message (and not
+    /// repeated as `source()`).
+    #[error("experts of layer {layer}: {cause:#}")]
     Experts {
         /// The layer.
         layer: usize,
         /// The backend's error.
-        source: anyhow::Error,
+        cause: anyhow::Error,
     },
 }
 
@@ -176,7 +177,7 @@ impl Model {
             let routes = softmax_top_k(&router, c.n_expert, c.n_expert_used, c.arch.renormalizes_top_k());
             experts
                 .moe_forward(il, &h, &routes, &mut proj)
-                .map_err(|source| ForwardError::Experts { layer: il, source })?;
+                .map_err(|cause| ForwardError::Experts { layer: il, cause })?;
             x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
         }
 
