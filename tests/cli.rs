@@ -241,6 +241,25 @@ fn synth_file_loads_and_bench_prints_a_table() {
     let size = report["size_bytes"].as_f64().unwrap();
     assert!(per_token > 0.3 * size && per_token < size, "{per_token} of {size}");
     assert!(report["read_bandwidth_gbps"].as_f64().unwrap() > 0.0);
+
+    // `-d`: each test runs after 16 tokens already in the cache, named as llama-bench does.
+    let out =
+        moeshard(&["bench", "-m", file, "-d", "16", "-p", "8", "-n", "2", "-r", "1", "-t", "1", "-o", "json"], TIMEOUT);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let names: Vec<&str> = report["tests"].as_array().unwrap().iter().map(|t| t["test"].as_str().unwrap()).collect();
+    assert_eq!(names, ["pp8 @ d16", "tg2 @ d16"]);
+    assert!(
+        report["tests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["n_depth"] == 16 && t["ts"]["mean"].as_f64().unwrap() > 0.0)
+    );
+    let out = moeshard(&["bench", "-m", file, "-c", "20", "-d", "16", "-p", "8", "-n", "0", "-r", "1"], TIMEOUT);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("(-c) cannot hold -d 16"), "{err}");
     std::fs::remove_file(&path).unwrap();
 }
 

@@ -96,6 +96,17 @@ impl RouteCounter {
         let fresh = RouteCounts { distinct_experts: vec![0; c.distinct_experts.len()], ..RouteCounts::default() };
         std::mem::replace(&mut *c, fresh)
     }
+
+    /// Adds `counts` (taken earlier with [`RouteCounter::take`]) back to the counts so far: the
+    /// calls in between, taken and dropped, are then left out of the tally.
+    pub fn put_back(&self, counts: RouteCounts) {
+        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        c.forwards += counts.forwards;
+        c.tokens += counts.tokens;
+        for (n, more) in c.distinct_experts.iter_mut().zip(counts.distinct_experts) {
+            *n += more;
+        }
+    }
 }
 
 impl ExpertBackend for RouteCounter {
@@ -189,6 +200,15 @@ mod tests {
         let w = WeightBytes { dense_per_forward: 1000, embd_row: 10, expert: vec![100, 200] };
         assert_eq!(counts.bytes_read(&w), 2 * 1000 + 3 * 10 + 5 * 100 + 200);
         assert_eq!(c.take(), RouteCounts { distinct_experts: vec![0, 0], ..RouteCounts::default() });
+
+        // Calls between a take and a put_back are left out of the tally.
+        c.moe_forward(0, &[], &[r(0, 4)], &mut []).unwrap();
+        let kept = c.take();
+        c.moe_forward(0, &[], &[r(0, 1), r(0, 2)], &mut []).unwrap();
+        c.take();
+        c.put_back(kept);
+        c.moe_forward(1, &[], &[r(0, 6)], &mut []).unwrap();
+        assert_eq!(c.take(), RouteCounts { forwards: 1, tokens: 1, distinct_experts: vec![1, 1] });
     }
 
     #[test]

@@ -73,6 +73,14 @@ impl Session {
         self.kv.clear();
     }
 
+    /// Keeps the first `n` tokens and forgets the rest, when the cache still holds everything
+    /// the token at position `n` will attend to (see [`KvCache::truncate`]); returns false and
+    /// changes nothing otherwise (a sliding-window layer's ring no longer holds those positions,
+    /// or `n` is beyond the sequence).
+    pub fn truncate(&mut self, n: usize) -> bool {
+        self.kv.truncate(n)
+    }
+
     /// Appends `tokens` and returns the logits selected by `logits` (`[n, n_vocab]`).
     pub fn eval(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>, ForwardError> {
         self.model.forward(tokens, &mut self.kv, &*self.experts, self.n_ubatch, logits)

@@ -36,6 +36,12 @@ pub struct BenchArgs {
     /// Tokens generated one at a time from an empty cache (test `tgN`; 0 skips it).
     #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
     n_gen: usize,
+    /// Tokens already in the cache when each test starts (llama-bench's `-d`, test `ppN @ dD`):
+    /// random tokens evaluated once, untimed, and kept for every repetition (the cache is cut
+    /// back to them, or filled again where a sliding-window ring no longer holds them), so that
+    /// attention's cost at a long context shows.
+    #[arg(short = 'd', long = "n-depth", default_value_t = 0)]
+    n_depth: usize,
     /// Timed repetitions of each test (after one untimed warm-up).
     #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
     repetitions: usize,
@@ -75,10 +81,12 @@ struct Report {
 
 #[derive(Serialize)]
 struct TestResult {
-    /// `ppN` or `tgN`.
+    /// `ppN` or `tgN`, followed by ` @ dD` when the cache held `D` tokens before each run.
     test: String,
     n_prompt: usize,
     n_gen: usize,
+    /// Tokens in the cache before each run of the test (`-d`).
+    n_depth: usize,
     /// Tokens per second of each repetition.
     samples_ts: Vec<f64>,
     ts: MeanStd,
@@ -179,6 +187,27 @@ fn local_first(pair: usize) -> bool {
     pair.is_multiple_of(2)
 }
 
+/// Leaves `session` holding exactly the tokens `depth` (evaluated earlier, or now): cut back to
+/// them when its cache still holds what comes next, else cleared and evaluated again (with a
+/// sliding-window layer, a test longer than the ring's slack of `n_ubatch` slots overwrites
+/// positions the next token attends to). An evaluation here is left out of `counter`'s tally.
+fn back_to_depth(session: &mut Session, depth: &[u32], counter: &RouteCounter) -> anyhow::Result<()> {
+    if depth.is_empty() {
+        session.clear();
+        return Ok(());
+    }
+    if session.truncate(depth.len()) {
+        return Ok(());
+    }
+    let kept = counter.take();
+    session.clear();
+    let filled = session.eval(depth, Logits::Last);
+    counter.take();
+    counter.put_back(kept);
+    filled?;
+    Ok(())
+}
+
 /// Median of `xs` (not empty).
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
@@ -190,7 +219,8 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.repetitions > 0, "-r must be at least 1");
     anyhow::ensure!(args.n_prompt > 0 || args.n_gen > 0, "nothing to run: -p and -n are both 0");
     let mut model_args = args.model.clone();
-    model_args.ctx_size.get_or_insert(args.n_prompt.max(args.n_gen));
+    let needed = args.n_depth + args.n_prompt.max(args.n_gen);
+    model_args.ctx_size.get_or_insert(needed);
     let Loaded { gguf, session, pool, cluster, .. } = load(&model_args)?;
     anyhow::ensure!(
         !args.compare_local || cluster.is_some(),
@@ -198,6 +228,12 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     );
     let model = session.model().clone();
     let n_ctx = session.n_ctx();
+    anyhow::ensure!(
+        n_ctx >= needed,
+        "the context of {n_ctx} tokens (-c) cannot hold -d {} plus the longest test ({} tokens)",
+        args.n_depth,
+        args.n_prompt.max(args.n_gen)
+    );
     drop(session);
     let switched = match &cluster {
         Some(c) if args.compare_local => Some(Arc::new(Switched::new(c.clone(), model.clone()))),
@@ -241,6 +277,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let n_vocab = model.config.n_vocab as u32;
     let mut tokens = |n: usize| (0..n).map(|_| rng.random_range(0..n_vocab)).collect::<Vec<u32>>();
+    let depth_tokens = tokens(args.n_depth);
     let tests = [("pp", args.n_prompt, 0), ("tg", 0, args.n_gen)];
     for (kind, n_prompt, n_gen) in tests.into_iter().filter(|&(_, p, n)| p + n > 0) {
         let n = n_prompt + n_gen;
@@ -248,7 +285,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         // One batch of the whole prompt, or one token per forward call. `mode(i)` says whether
         // call `i` runs locally (`--compare-local`); the calls are timed one by one.
         let run = |session: &mut Session, toks: &[u32], mode: &dyn Fn(usize) -> bool| -> anyhow::Result<Timing> {
-            session.clear();
+            back_to_depth(session, &depth_tokens, &counter)?;
             let calls: Vec<&[u32]> = if kind == "pp" { vec![toks] } else { toks.chunks(1).collect() };
             let mut timing = Timing::default();
             for (i, call) in calls.into_iter().enumerate() {
@@ -321,9 +358,13 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         let per_token = counts.bytes_read(&weights) as f64 / counts.tokens.max(1) as f64;
         let achieved = per_token * ts.mean / 1e9;
         let result = TestResult {
-            test: format!("{kind}{n}"),
+            test: match args.n_depth {
+                0 => format!("{kind}{n}"),
+                d => format!("{kind}{n} @ d{d}"),
+            },
             n_prompt,
             n_gen,
+            n_depth: args.n_depth,
             samples_ts: samples,
             ts,
             weight_bytes_per_token: per_token,
@@ -475,6 +516,7 @@ fn traffic(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kv_cache::KvType;
 
     #[test]
     fn timing_totals_count_each_mode_apart() {
@@ -491,6 +533,52 @@ mod tests {
         let order: Vec<bool> = (0..8).map(|i| local_first(i / 2) == (i % 2 == 0)).collect();
         assert_eq!(order, [true, false, false, true, true, false, false, true]);
         assert_eq!(order.iter().filter(|l| **l).count(), 4, "half the tokens run locally");
+    }
+
+    /// `-d`: the cache is cut back to the depth tokens when its rings still hold them and
+    /// filled again when a test overran a sliding-window ring; either way the next token sees
+    /// the same context (the same logits as a fresh sequence), and a fill is not counted.
+    #[test]
+    fn back_to_depth_cuts_or_refills_and_counts_neither() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny-mellum-q8_0.gguf");
+        let model = Arc::new(Model::load(path).expect("fixture"));
+        let window = model.config.sliding_window.expect("the fixture has sliding-window layers");
+        let counter = Arc::new(RouteCounter::new(Arc::new(LocalExperts::new(model.clone())), model.config.n_layer));
+        let n_ctx = window + 2 * crate::session::DEFAULT_UBATCH;
+        let new_session = || Session::new(model.clone(), counter.clone(), n_ctx, KvType::F32, KvType::F32).unwrap();
+        let n_vocab = model.config.n_vocab as u32;
+        let depth: Vec<u32> = (0..window as u32 + 3).map(|i| (i * 7 + 1) % n_vocab).collect();
+        let next = [5u32];
+        // The depth in one call, then the next token: the calls `back_to_depth` and a test make.
+        let mut reference = new_session();
+        reference.eval(&depth, Logits::Last).unwrap();
+        let fresh = reference.eval(&next, Logits::Last).unwrap();
+        counter.take();
+
+        let mut session = new_session();
+        back_to_depth(&mut session, &depth, &counter).unwrap();
+        assert_eq!(session.len(), depth.len());
+        assert_eq!(counter.take().forwards, 0, "the first fill is not counted");
+
+        // A short test: cut back, nothing evaluated.
+        session.eval(&[9; 10], Logits::Last).unwrap();
+        counter.take();
+        back_to_depth(&mut session, &depth, &counter).unwrap();
+        assert_eq!((session.len(), counter.take().forwards), (depth.len(), 0));
+        assert_eq!(session.eval(&next, Logits::Last).unwrap(), fresh, "after a cut");
+
+        // A test longer than the ring's slack: filled again, and only the test's calls counted.
+        let long = vec![9u32; crate::session::DEFAULT_UBATCH + 1];
+        session.eval(&long, Logits::Last).unwrap();
+        assert!(!session.truncate(depth.len()), "the ring no longer holds the depth's window");
+        counter.take();
+        session.eval(&[3], Logits::Last).unwrap();
+        back_to_depth(&mut session, &depth, &counter).unwrap();
+        assert_eq!((session.len(), counter.take().forwards), (depth.len(), 1));
+        assert_eq!(session.eval(&next, Logits::Last).unwrap(), fresh, "after a fill");
+
+        back_to_depth(&mut session, &[], &counter).unwrap();
+        assert!(session.is_empty());
     }
 
     #[test]
