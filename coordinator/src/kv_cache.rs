@@ -1,8 +1,11 @@
 //! Per-sequence key/value cache.
 //!
-//! Each layer stores K and V rows (`n_head_kv * head_dim` elements per token, heads contiguous)
-//! as f32, f16, bf16 or Q8_0 blocks (llama.cpp's `-ctk`/`-ctv` types; Q8_0 quantized exactly as
-//! ggml's `quantize_row_q8_0`). Full-attention layers keep one slot per context position.
+//! Each layer stores K and V head-major: per KV head a plane of `capacity` rows of `head_dim`
+//! elements, so the rows one head's attention reads are contiguous (a single forward stream per
+//! head, where a slot-major cache puts them `n_head_kv` rows apart), as f32, f16, bf16 or Q8_0
+//! blocks (llama.cpp's `-ctk`/`-ctv` types; Q8_0 quantized exactly as ggml's
+//! `quantize_row_q8_0`, block by block, so a head's blocks are those of the token's whole row).
+//! K head `h`'s row of slot `s` starts at byte `(h * capacity + s) * row_bytes(head_dim)`. Full-attention layers keep one slot per context position.
 //! Sliding-window layers keep a ring of `window + n_ubatch` slots, position `p` in slot
 //! `p % capacity`: a batch of up to `n_ubatch` new tokens never overwrites a key that one of
 //! them can still see (llama.cpp sizes its SWA cache the same way, `n_swa + n_ubatch`).
@@ -59,14 +62,14 @@ pub enum KvError {
         /// The context size.
         n_ctx: usize,
     },
-    /// The KV row length does not fit the storage type's blocks.
-    #[error("KV type {ty:?} needs rows that are a multiple of {block}, the model's are {row}")]
+    /// The head size does not fit the storage type's blocks.
+    #[error("KV type {ty:?} needs heads that are a multiple of {block} elements, the model's are {row}")]
     BadRow {
         /// Requested type.
         ty: KvType,
         /// Its block size.
         block: usize,
-        /// Elements per row.
+        /// Elements per head (`head_dim`).
         row: usize,
     },
 }
@@ -74,7 +77,9 @@ pub enum KvError {
 struct LayerCache {
     capacity: usize,
     window: Option<usize>,
+    /// `[n_head_kv][capacity]` rows of `head_dim` keys.
     k: Vec<u8>,
+    /// `[n_head_kv][capacity]` rows of `head_dim` values.
     v: Vec<u8>,
 }
 
@@ -83,7 +88,8 @@ pub struct KvCache {
     layers: Vec<LayerCache>,
     n_ctx: usize,
     n_tokens: usize,
-    row_elems: usize,
+    n_head_kv: usize,
+    head_dim: usize,
     k_type: KvType,
     v_type: KvType,
 }
@@ -108,13 +114,14 @@ impl KvCache {
         k_type: KvType,
         v_type: KvType,
     ) -> Result<KvCache, KvError> {
-        let row_elems = config.n_embd_kv();
+        let (n_head_kv, head_dim) = (config.n_head_kv, config.head_dim);
         for ty in [k_type, v_type] {
             let block = ty.storage().0.block_size();
-            if !row_elems.is_multiple_of(block) {
-                return Err(KvError::BadRow { ty, block, row: row_elems });
+            if !head_dim.is_multiple_of(block) {
+                return Err(KvError::BadRow { ty, block, row: head_dim });
             }
         }
+        let plane_bytes = |ty: KvType, capacity: usize| n_head_kv * capacity * ty.storage().1.row_bytes(head_dim);
         let layers = (0..config.n_layer)
             .map(|il| {
                 let window = config.sliding_window.filter(|_| config.is_swa(il));
@@ -122,12 +129,12 @@ impl KvCache {
                 LayerCache {
                     capacity,
                     window,
-                    k: resident_zeros(capacity * k_type.storage().1.row_bytes(row_elems)),
-                    v: resident_zeros(capacity * v_type.storage().1.row_bytes(row_elems)),
+                    k: resident_zeros(plane_bytes(k_type, capacity)),
+                    v: resident_zeros(plane_bytes(v_type, capacity)),
                 }
             })
             .collect();
-        Ok(KvCache { layers, n_ctx, n_tokens: 0, row_elems, k_type, v_type })
+        Ok(KvCache { layers, n_ctx, n_tokens: 0, n_head_kv, head_dim, k_type, v_type })
     }
 
     /// Tokens in the sequence so far (the position of the next token).
@@ -181,14 +188,20 @@ impl KvCache {
         debug_assert!(self.n_tokens <= self.n_ctx);
     }
 
-    /// Stores the K and V rows (`row_elems` f32 each) of the token at position `pos` in layer `il`.
+    /// Stores the K and V rows (`n_head_kv * head_dim` f32 each, heads contiguous) of the token
+    /// at position `pos` in layer `il`: head `h`'s elements into row `pos % capacity` of plane `h`.
     pub fn write(&mut self, il: usize, pos: usize, k: &[f32], v: &[f32]) {
-        let (kt, vt) = (self.k_type.storage().1, self.v_type.storage().1);
-        let (kb, vb) = (kt.row_bytes(self.row_elems), vt.row_bytes(self.row_elems));
+        let hd = self.head_dim;
         let layer = &mut self.layers[il];
         let slot = pos % layer.capacity;
-        kt.quantize_row(k, &mut layer.k[slot * kb..(slot + 1) * kb]);
-        vt.quantize_row(v, &mut layer.v[slot * vb..(slot + 1) * vb]);
+        for (ty, src, dst) in [(self.k_type, k, &mut layer.k), (self.v_type, v, &mut layer.v)] {
+            let ty = ty.storage().1;
+            let rb = ty.row_bytes(hd);
+            for (h, x) in src.chunks_exact(hd).enumerate() {
+                let row = (h * layer.capacity + slot) * rb;
+                ty.quantize_row(x, &mut dst[row..row + rb]);
+            }
+        }
     }
 
     /// The slots a query at position `pos` of layer `il` attends to: every earlier position and
@@ -201,13 +214,21 @@ impl KvCache {
         out.extend((first..=pos).map(|p| p % layer.capacity));
     }
 
-    /// The K and V rows of layer `il`.
-    pub fn rows(&self, il: usize) -> (KvRows<'_>, KvRows<'_>) {
+    /// The K and V rows of KV head `kv_head` of layer `il` (`capacity` rows of `head_dim`
+    /// elements each, indexed by the slots of [`KvCache::visible_slots`]).
+    pub fn rows(&self, il: usize, kv_head: usize) -> (KvRows<'_>, KvRows<'_>) {
+        assert!(kv_head < self.n_head_kv, "KV head {kv_head} of {}", self.n_head_kv);
         let layer = &self.layers[il];
         (
-            KvRows { ty: self.k_type.storage().0, row_elems: self.row_elems, data: &layer.k },
-            KvRows { ty: self.v_type.storage().0, row_elems: self.row_elems, data: &layer.v },
+            self.head_rows(self.k_type, &layer.k, layer.capacity, kv_head),
+            self.head_rows(self.v_type, &layer.v, layer.capacity, kv_head),
         )
+    }
+
+    /// Plane `kv_head` of a layer's K or V bytes `data` (`capacity` rows of type `ty`).
+    fn head_rows<'a>(&self, ty: KvType, data: &'a [u8], capacity: usize, kv_head: usize) -> KvRows<'a> {
+        let plane = capacity * ty.storage().1.row_bytes(self.head_dim);
+        KvRows { ty: ty.storage().0, row_elems: self.head_dim, data: &data[kv_head * plane..][..plane] }
     }
 }
 
@@ -230,5 +251,50 @@ mod tests {
         assert!(kv.truncate(36));
         assert_eq!(kv.len(), 36);
         assert!(kv.truncate(36) && !kv.truncate(37));
+    }
+
+    /// Each KV head's row of a written token, read back from its plane, equals that head's part
+    /// of the token's whole row stored in the same type, in a full layer and at a wrapped slot of
+    /// a sliding layer's ring. Q8_0 needs heads of whole 32-element blocks; the fixture's are 16.
+    #[test]
+    fn write_puts_each_head_in_its_plane() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny-mellum-q8_0.gguf");
+        let model = Model::load(path).unwrap();
+        let c = &model.config;
+        let (n_kv, hd) = (c.n_embd_kv(), c.head_dim);
+        let (full, sliding) =
+            ((0..c.n_layer).find(|&il| !c.is_swa(il)).unwrap(), (0..c.n_layer).find(|&il| c.is_swa(il)).unwrap());
+        assert_eq!(
+            KvCache::new(c, 128, 4, KvType::F16, KvType::Q8_0).err(),
+            Some(KvError::BadRow { ty: KvType::Q8_0, block: 32, row: 16 })
+        );
+        for ty in [KvType::F32, KvType::F16, KvType::BF16] {
+            let mut kv = KvCache::new(c, 128, 4, ty, ty).unwrap();
+            let k: Vec<f32> = (0..n_kv).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
+            let v: Vec<f32> = (0..n_kv).map(|i| ((i * 53 % 89) as f32 - 44.0) / 13.0).collect();
+            let (gt, vt) = ty.storage();
+            let stored = |x: &[f32]| {
+                let mut bytes = vec![0u8; vt.row_bytes(n_kv)];
+                vt.quantize_row(x, &mut bytes);
+                let mut back = vec![0.0f32; n_kv];
+                gt.dequantize_row(&bytes, &mut back);
+                back
+            };
+            let (want_k, want_v) = (stored(&k), stored(&v));
+            for (il, pos) in [(full, 5), (sliding, 70)] {
+                kv.write(il, pos, &k, &v);
+                let mut slots = Vec::new();
+                kv.visible_slots(il, pos, &mut slots);
+                let slot = *slots.last().unwrap();
+                for h in 0..c.n_head_kv {
+                    let (keys, values) = kv.rows(il, h);
+                    let (mut got_k, mut got_v) = (vec![0.0f32; hd], vec![0.0f32; hd]);
+                    keys.read(slot, &mut got_k);
+                    values.read(slot, &mut got_v);
+                    assert_eq!(got_k, want_k[h * hd..(h + 1) * hd], "{ty:?} layer {il} head {h} keys");
+                    assert_eq!(got_v, want_v[h * hd..(h + 1) * hd], "{ty:?} layer {il} head {h} values");
+                }
+            }
+        }
     }
 }

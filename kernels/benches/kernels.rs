@@ -155,26 +155,26 @@ fn rms_norms(c: &mut Criterion) {
 }
 
 /// One query token over an F16 KV cache of 128, 1024 and 4096 positions, Mellum2's heads (all
-/// four KV heads in turn, as the forward pass splits them over threads).
+/// four KV heads in turn, as the forward pass splits them over threads; each head's keys and
+/// values are planes of their own, as the cache lays them out).
 fn attention(c: &mut Criterion) {
     let shape = AttentionShape { n_head: 32, n_head_kv: 4, head_dim: 128, scale: 1.0 / 128f32.sqrt() };
-    let row_elems = shape.n_head_kv * shape.head_dim;
     let q = activations(shape.n_head * shape.head_dim);
     let mut group = c.benchmark_group("attention_f16_kv");
     for n_ctx in [128, 1024, 4096] {
-        let kv = weights(GgmlType::F16, n_ctx, row_elems);
-        let rows = KvRows { ty: GgmlType::F16, row_elems, data: &kv };
+        let planes = |_| weights(GgmlType::F16, n_ctx, shape.head_dim);
+        let (keys, values): (Vec<_>, Vec<_>) = (0..shape.n_head_kv).map(|h| (planes(h), planes(h))).unzip();
         let slots: Vec<usize> = (0..n_ctx).collect();
         let mut scratch = AttentionScratch::default();
         let mut out = vec![0.0f32; q.len()];
-        group.throughput(Throughput::Bytes(2 * kv.len() as u64));
+        group.throughput(Throughput::Bytes(keys.iter().chain(&values).map(|p| p.len() as u64).sum()));
         group.bench_function(BenchmarkId::from_parameter(n_ctx), |b| {
             b.iter(|| {
                 let per_kv_head = q.len() / shape.n_head_kv;
-                let heads = q.chunks(per_kv_head).zip(out.chunks_mut(per_kv_head)).enumerate();
-                for (kv_head, (q, out)) in heads {
-                    let kv = KvPair { keys: rows, values: rows };
-                    attend(shape, kv_head, q, kv, &slots, &mut scratch, out);
+                let heads = q.chunks(per_kv_head).zip(out.chunks_mut(per_kv_head)).zip(keys.iter().zip(&values));
+                for ((q, out), (k, v)) in heads {
+                    let rows = |data| KvRows { ty: GgmlType::F16, row_elems: shape.head_dim, data };
+                    attend(shape, q, KvPair { keys: rows(k), values: rows(v) }, &slots, &mut scratch, out);
                 }
             });
         });

@@ -2,7 +2,8 @@
 //! heads (Ainslie et al. 2023). Query head `h` reads KV head `h / (n_head / n_head_kv)`, as ggml's
 //! broadcasting `mul_mat` does in llama.cpp's `build_attn_mha`. One call covers one KV head and
 //! its group of query heads, so that a single token's attention (decoding) splits over
-//! `n_head_kv` threads, and each call reads only its head's part of the cache rows.
+//! `n_head_kv` threads, and each call reads only that head's cache rows ([`KvRows`]: one head's
+//! rows, contiguous).
 
 use crate::quant::GgmlType;
 
@@ -19,13 +20,16 @@ pub struct AttentionShape {
     pub scale: f32,
 }
 
-/// A run of KV rows: `data` holds consecutive rows (cache slots) of `row_elems` elements
-/// (`n_head_kv * head_dim`, heads contiguous) stored as `ty` (F32, F16, BF16 or Q8_0 blocks).
+/// The cached rows of one KV head: `data` holds consecutive rows (cache slots) of `row_elems`
+/// elements (the head's `head_dim`), stored as `ty` (F32, F16, BF16 or Q8_0 blocks). A head's
+/// rows are contiguous, so reading them in slot order is one forward stream per head (a cache
+/// that interleaved the heads of a slot would put a head's rows `n_head_kv` rows apart: four
+/// rows of Mellum2's F16 cache to a 4 KiB page, and a TLB miss every four slots).
 #[derive(Clone, Copy)]
 pub struct KvRows<'a> {
     /// Storage type of each row.
     pub ty: GgmlType,
-    /// Elements per row.
+    /// Elements per row (a multiple of `ty`'s block size).
     pub row_elems: usize,
     /// The rows' bytes.
     pub data: &'a [u8],
@@ -43,21 +47,15 @@ impl KvRows<'_> {
         self.ty.dequantize_row(&self.data[slot * rb..(slot + 1) * rb], out);
     }
 
-    /// [`Self::read_range`], with F16 rows converted eight elements at a time by F16C when
-    /// `F16C` (the caller's build enables it) and the range is a whole number of eight.
+    /// [`Self::read`], with F16 rows converted eight elements at a time by F16C when `F16C` (the
+    /// caller's build enables it) and the row is a whole number of eight elements.
     #[inline(always)]
-    fn read_head<'b, const F16C: bool>(
-        &self,
-        slot: usize,
-        elems: std::ops::Range<usize>,
-        buf: &'b mut [f32],
-    ) -> &'b [f32] {
+    fn read_row<const F16C: bool>(&self, slot: usize, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if F16C && self.ty == GgmlType::F16 && elems.len().is_multiple_of(8) {
-            let start = (slot * self.row_elems + elems.start) * 2;
-            let src = &self.data[start..start + elems.len() * 2];
-            let dst = &mut buf[..elems.len()];
-            for (d, s) in dst.chunks_exact_mut(8).zip(src.chunks_exact(16)) {
+        if F16C && self.ty == GgmlType::F16 && self.row_elems.is_multiple_of(8) {
+            let n = self.row_elems;
+            let src = &self.data[slot * n * 2..(slot + 1) * n * 2];
+            for (d, s) in out[..n].chunks_exact_mut(8).zip(src.chunks_exact(16)) {
                 // SAFETY: `s` is 16 readable bytes and `d` 8 writable f32; F16C is enabled in the
                 // build that instantiates `F16C = true`.
                 unsafe {
@@ -65,23 +63,21 @@ impl KvRows<'_> {
                     _mm256_storeu_ps(d.as_mut_ptr(), _mm256_cvtph_ps(_mm_loadu_si128(s.as_ptr().cast())));
                 }
             }
-            return dst;
+            return;
         }
-        self.read_range(slot, elems, buf)
+        self.read(slot, &mut out[..self.row_elems]);
     }
 
-    /// Asks the cache hierarchy for the bytes of elements `elems` of row `slot` (x86: a T0
-    /// prefetch per 64-byte line; nothing elsewhere). A hint only: it changes no result.
-    /// The rows of one head sit `row_bytes` apart, four of them to a 4 KiB page for Mellum2's
-    /// F16 cache, so the hardware prefetchers, which stop at page boundaries, leave most of a
-    /// long context's loads to wait on memory without it.
+    /// Asks the cache hierarchy for the bytes of row `slot` (x86: a T0 prefetch per 64-byte
+    /// line; nothing elsewhere). A hint only: it changes no result. The slots a query visits
+    /// need not be consecutive (a sliding window's ring wraps), and a 256-byte F16 row of
+    /// Mellum2 spans only four lines, too few for the hardware prefetchers to get ahead.
     #[inline(always)]
-    fn prefetch_head(&self, slot: usize, elems: std::ops::Range<usize>) {
+    fn prefetch_row(&self, slot: usize) {
         #[cfg(target_arch = "x86_64")]
         {
-            let (block, size) = (self.ty.block_size(), self.ty.type_size());
-            let start = slot * self.row_bytes() + elems.start / block * size;
-            let end = (start + elems.len().div_ceil(block) * size).min(self.data.len());
+            let rb = self.row_bytes();
+            let (start, end) = (slot * rb, ((slot + 1) * rb).min(self.data.len()));
             for line in (start..end).step_by(64) {
                 // SAFETY: a prefetch only hints the cache and never faults; the address is
                 // inside `data` anyway.
@@ -92,46 +88,11 @@ impl KvRows<'_> {
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        let _ = (slot, elems);
-    }
-
-    /// [`Self::read_head`] into `out` (`elems.len()` long), through `buf` (`row_elems` long)
-    /// only where the range has to be decoded with the rest of its row.
-    #[inline(always)]
-    fn read_head_into<const F16C: bool>(
-        &self,
-        slot: usize,
-        elems: std::ops::Range<usize>,
-        out: &mut [f32],
-        buf: &mut [f32],
-    ) {
-        let block = self.ty.block_size();
-        if elems.start.is_multiple_of(block) && elems.len().is_multiple_of(block) {
-            self.read_head::<F16C>(slot, elems, out);
-        } else {
-            out.copy_from_slice(self.read_head::<F16C>(slot, elems, buf));
-        }
-    }
-
-    /// Elements `elems` of row `slot`, decoded: only those blocks when the range is
-    /// block-aligned, else the whole row into `buf` (`row_elems` long) and the range of it.
-    fn read_range<'b>(&self, slot: usize, elems: std::ops::Range<usize>, buf: &'b mut [f32]) -> &'b [f32] {
-        let block = self.ty.block_size();
-        if elems.start.is_multiple_of(block) && elems.len().is_multiple_of(block) {
-            let rb = self.row_bytes();
-            let start = slot * rb + elems.start / block * self.ty.type_size();
-            let len = elems.len();
-            let bytes = &self.data[start..start + len / block * self.ty.type_size()];
-            self.ty.dequantize_row(bytes, &mut buf[..len]);
-            &buf[..len]
-        } else {
-            self.read(slot, buf);
-            &buf[elems]
-        }
+        let _ = slot;
     }
 }
 
-/// The key and value rows of one layer's cache.
+/// The key and value rows of one KV head of a layer's cache.
 #[derive(Clone, Copy)]
 pub struct KvPair<'a> {
     /// Key rows.
@@ -144,6 +105,7 @@ pub struct KvPair<'a> {
 #[derive(Default)]
 pub struct AttentionScratch {
     scores: Vec<f32>,
+    /// One decoded key row, `[head_dim]`.
     row: Vec<f32>,
     /// A tile of decoded value rows, `[SLOT_TILE][head_dim]`.
     values: Vec<f32>,
@@ -151,16 +113,15 @@ pub struct AttentionScratch {
     slot_scores: Vec<f32>,
 }
 
-/// Attention output of one query token for the query heads of KV head `kv_head`.
+/// Attention output of one query token for the query heads of one KV head.
 ///
 /// `q` is `[group, head_dim]` with `group = n_head / n_head_kv`: query heads `kv_head * group ..
-/// (kv_head + 1) * group` of the token; `slots` lists the cache rows the token may see (any
-/// order; the softmax is over all of them); `out` receives `[group, head_dim]`. Scores and the
-/// softmax are f32 with the maximum subtracted; the softmax denominator accumulates in f64 as
-/// ggml's does.
+/// (kv_head + 1) * group` of the token, and `kv` holds KV head `kv_head`'s rows (`head_dim`
+/// elements each); `slots` lists the cache rows the token may see (any order; the softmax is
+/// over all of them); `out` receives `[group, head_dim]`. Scores and the softmax are f32 with
+/// the maximum subtracted; the softmax denominator accumulates in f64 as ggml's does.
 pub fn attend(
     shape: AttentionShape,
-    kv_head: usize,
     q: &[f32],
     kv: KvPair<'_>,
     slots: &[usize],
@@ -170,9 +131,9 @@ pub fn attend(
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c") {
         // SAFETY: AVX2 and F16C are present.
-        return unsafe { attend_avx2(shape, kv_head, q, kv, slots, scratch, out) };
+        return unsafe { attend_avx2(shape, q, kv, slots, scratch, out) };
     }
-    attend_body::<false>(shape, kv_head, q, kv, slots, scratch, out);
+    attend_body::<false>(shape, q, kv, slots, scratch, out);
 }
 
 /// [`attend`] compiled for AVX2 (the same operations in the same order: bit-identical results;
@@ -186,14 +147,13 @@ pub fn attend(
 #[target_feature(enable = "avx2,f16c")]
 unsafe fn attend_avx2(
     shape: AttentionShape,
-    kv_head: usize,
     q: &[f32],
     kv: KvPair<'_>,
     slots: &[usize],
     scratch: &mut AttentionScratch,
     out: &mut [f32],
 ) {
-    attend_body::<true>(shape, kv_head, q, kv, slots, scratch, out);
+    attend_body::<true>(shape, q, kv, slots, scratch, out);
 }
 
 /// The body of [`attend`], inlined into each build; `F16C`: F16 rows are converted with F16C
@@ -202,7 +162,6 @@ unsafe fn attend_avx2(
 #[inline(always)]
 fn attend_body<const F16C: bool>(
     shape: AttentionShape,
-    kv_head: usize,
     q: &[f32],
     kv: KvPair<'_>,
     slots: &[usize],
@@ -212,22 +171,24 @@ fn attend_body<const F16C: bool>(
     let AttentionShape { n_head, n_head_kv, head_dim, scale } = shape;
     let KvPair { keys, values } = kv;
     let group = n_head / n_head_kv;
-    assert!(kv_head < n_head_kv, "KV head {kv_head} of {n_head_kv}");
+    assert!(
+        keys.row_elems == head_dim && values.row_elems == head_dim,
+        "KV rows of one head must be {head_dim} elements"
+    );
     assert!(q.len() == group * head_dim && out.len() == group * head_dim, "q and out must be [{group}, {head_dim}]");
     let n = slots.len();
     assert!(n > 0, "a query must see at least its own key");
     scratch.scores.resize(group * n, 0.0);
-    scratch.row.resize(keys.row_elems.max(values.row_elems), 0.0);
+    scratch.row.resize(head_dim, 0.0);
     let scores = &mut scratch.scores;
-    let head = kv_head * head_dim..(kv_head + 1) * head_dim;
 
     scratch.slot_scores.resize(group, 0.0);
     for (j, &slot) in slots.iter().enumerate() {
         if let Some(&ahead) = slots.get(j + PREFETCH_SLOTS) {
-            keys.prefetch_head(ahead, head.clone());
+            keys.prefetch_row(ahead);
         }
-        let k = keys.read_head::<F16C>(slot, head.clone(), &mut scratch.row);
-        head_dots::<F16C>(q, k, &mut scratch.slot_scores);
+        keys.read_row::<F16C>(slot, &mut scratch.row);
+        head_dots::<F16C>(q, &scratch.row, &mut scratch.slot_scores);
         for (h, &s) in scratch.slot_scores.iter().enumerate() {
             scores[h * n + j] = s * scale;
         }
@@ -243,43 +204,33 @@ fn attend_body<const F16C: bool>(
         s.iter_mut().for_each(|v| *v *= inv);
     }
     out.fill(0.0);
-    let tile = ValueTile { rows: &mut scratch.values, buf: &mut scratch.row };
-    add_weighted_values::<F16C>(values, head, slots, scores, tile, out);
-}
-
-/// Scratch of [`add_weighted_values`]: decoded value rows and a whole row's buffer.
-struct ValueTile<'a> {
-    /// `[SLOT_TILE][head_dim]`.
-    rows: &'a mut Vec<f32>,
-    /// `row_elems` long, for rows decoded whole.
-    buf: &'a mut [f32],
+    add_weighted_values::<F16C>(values, slots, scores, &mut scratch.values, out);
 }
 
 /// `out[h] += sum_j p[h][j] * v_j` for the query heads of `out` (`[group, head_dim]`), `p` the
-/// softmaxed scores (`[group, slots.len()]`) and `v_j` elements `head` of value row
-/// `slots[j]`. Each output element adds its products in slot order, as a plain loop over the
-/// slots would (so the result does not depend on the tiling); tiled so that [`OUT_TILE`]
-/// elements stay in registers over a tile of [`SLOT_TILE`] slots, whose value rows are decoded
-/// once for every head.
+/// softmaxed scores (`[group, slots.len()]`) and `v_j` value row `slots[j]`. Each output
+/// element adds its products in slot order, as a plain loop over the slots would (so the
+/// result does not depend on the tiling); tiled so that [`OUT_TILE`] elements stay in registers
+/// over a tile of [`SLOT_TILE`] slots, whose value rows are decoded once for every head into
+/// `tile` (`[SLOT_TILE][head_dim]`).
 #[inline(always)]
 fn add_weighted_values<const F16C: bool>(
     values: KvRows<'_>,
-    head: std::ops::Range<usize>,
     slots: &[usize],
     p: &[f32],
-    tile: ValueTile<'_>,
+    tile: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    let (head_dim, n) = (head.len(), slots.len());
-    tile.rows.resize(SLOT_TILE * head_dim, 0.0);
+    let (head_dim, n) = (values.row_elems, slots.len());
+    tile.resize(SLOT_TILE * head_dim, 0.0);
     for (t, tile_slots) in slots.chunks(SLOT_TILE).enumerate() {
-        for (i, (&slot, v)) in tile_slots.iter().zip(tile.rows.chunks_exact_mut(head_dim)).enumerate() {
+        for (i, (&slot, v)) in tile_slots.iter().zip(tile.chunks_exact_mut(head_dim)).enumerate() {
             if let Some(&ahead) = slots.get(t * SLOT_TILE + i + PREFETCH_SLOTS) {
-                values.prefetch_head(ahead, head.clone());
+                values.prefetch_row(ahead);
             }
-            values.read_head_into::<F16C>(slot, head.clone(), v, tile.buf);
+            values.read_row::<F16C>(slot, v);
         }
-        let rows = || tile.rows.chunks_exact(head_dim);
+        let rows = || tile.chunks_exact(head_dim);
         for (h, o) in out.chunks_exact_mut(head_dim).enumerate() {
             let p = &p[h * n + t * SLOT_TILE..][..tile_slots.len()];
             for (d0, o) in (0..head_dim).step_by(OUT_TILE).zip(o.chunks_mut(OUT_TILE)) {
@@ -458,22 +409,22 @@ mod tests {
     fn f16_rows_give_the_portable_bits() {
         for (n_head, head_dim, n_slots) in [(32, 128, 150), (24, 80, 37)] {
             let shape = AttentionShape { n_head, n_head_kv: 4, head_dim, scale: (head_dim as f32).sqrt().recip() };
-            let (row_elems, group) = (4 * head_dim, n_head / 4);
+            let group = n_head / 4;
             let f16_rows = |salt: usize| -> Vec<u8> {
-                (0..n_slots * row_elems)
+                (0..n_slots * head_dim)
                     .flat_map(|i| half::f16::from_f32(((i * 7919 + salt) % 2001) as f32 / 1000.0 - 1.0).to_le_bytes())
                     .collect()
             };
-            let (kb, vb) = (f16_rows(3), f16_rows(11));
-            let keys = KvRows { ty: GgmlType::F16, row_elems, data: &kb };
-            let values = KvRows { ty: GgmlType::F16, row_elems, data: &vb };
             let q: Vec<f32> = (0..group * head_dim).map(|i| ((i * 31 % 97) as f32 - 48.0) / 50.0).collect();
             let slots: Vec<usize> = (0..n_slots).rev().step_by(2).collect();
             let mut scratch = AttentionScratch::default();
             for kv_head in 0..4 {
+                let (kb, vb) = (f16_rows(3 + kv_head), f16_rows(11 + kv_head));
+                let keys = KvRows { ty: GgmlType::F16, row_elems: head_dim, data: &kb };
+                let values = KvRows { ty: GgmlType::F16, row_elems: head_dim, data: &vb };
                 let (mut fast, mut portable) = (vec![0.0f32; group * head_dim], vec![0.0f32; group * head_dim]);
-                attend(shape, kv_head, &q, KvPair { keys, values }, &slots, &mut scratch, &mut fast);
-                attend_body::<false>(shape, kv_head, &q, KvPair { keys, values }, &slots, &mut scratch, &mut portable);
+                attend(shape, &q, KvPair { keys, values }, &slots, &mut scratch, &mut fast);
+                attend_body::<false>(shape, &q, KvPair { keys, values }, &slots, &mut scratch, &mut portable);
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&fast), bits(&portable), "{n_head} heads of {head_dim}, KV head {kv_head}");
             }
@@ -484,31 +435,31 @@ mod tests {
     fn matches_plain_softmax_attention_with_gqa() {
         let shape = AttentionShape { n_head: 4, n_head_kv: 2, head_dim: 3, scale: 0.5 };
         let n_slots = 5;
-        let k: Vec<f32> = (0..n_slots * 6).map(|i| ((i * 5 % 11) as f32 - 5.0) / 4.0).collect();
-        let v: Vec<f32> = (0..n_slots * 6).map(|i| ((i * 3 % 7) as f32 - 3.0) / 2.0).collect();
+        // Per KV head `[n_slots, 3]`: element (head, slot, d) at `head * 15 + slot * 3 + d`.
+        let k: Vec<f32> = (0..2 * n_slots * 3).map(|i| ((i * 5 % 11) as f32 - 5.0) / 4.0).collect();
+        let v: Vec<f32> = (0..2 * n_slots * 3).map(|i| ((i * 3 % 7) as f32 - 3.0) / 2.0).collect();
         let q: Vec<f32> = (0..12).map(|i| (i as f32 - 6.0) / 3.0).collect();
         let (kb, vb) = (f32_rows(&k), f32_rows(&v));
-        let keys = KvRows { ty: GgmlType::F32, row_elems: 6, data: &kb };
-        let values = KvRows { ty: GgmlType::F32, row_elems: 6, data: &vb };
         let slots = [4usize, 0, 2];
         let mut out = [0.0; 12];
         let mut scratch = AttentionScratch::default();
         for (kv_head, (q, out)) in q.chunks(6).zip(out.chunks_mut(6)).enumerate() {
-            attend(shape, kv_head, q, KvPair { keys, values }, &slots, &mut scratch, out);
+            let plane = kv_head * n_slots * 3 * 4..(kv_head + 1) * n_slots * 3 * 4;
+            let keys = KvRows { ty: GgmlType::F32, row_elems: 3, data: &kb[plane.clone()] };
+            let values = KvRows { ty: GgmlType::F32, row_elems: 3, data: &vb[plane] };
+            attend(shape, q, KvPair { keys, values }, &slots, &mut scratch, out);
         }
+        let at = |x: &[f32], kvh: usize, t: usize, d: usize| f64::from(x[kvh * n_slots * 3 + t * 3 + d]);
         for h in 0..4 {
             let kvh = h / 2;
             let s: Vec<f64> = slots
                 .iter()
-                .map(|&t| {
-                    (0..3).map(|d| f64::from(q[h * 3 + d]) * f64::from(k[t * 6 + kvh * 3 + d])).sum::<f64>() * 0.5
-                })
+                .map(|&t| (0..3).map(|d| f64::from(q[h * 3 + d]) * at(&k, kvh, t, d)).sum::<f64>() * 0.5)
                 .collect();
             let m = s.iter().copied().fold(f64::MIN, f64::max);
             let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
             for d in 0..3 {
-                let want: f64 =
-                    slots.iter().zip(&s).map(|(&t, x)| (x - m).exp() / z * f64::from(v[t * 6 + kvh * 3 + d])).sum();
+                let want: f64 = slots.iter().zip(&s).map(|(&t, x)| (x - m).exp() / z * at(&v, kvh, t, d)).sum();
                 assert!((f64::from(out[h * 3 + d]) - want).abs() < 1e-6, "head {h} dim {d}");
             }
         }

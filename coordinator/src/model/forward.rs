@@ -164,9 +164,9 @@ impl Model {
                 |(scratch, slots), (i, (out, qt))| {
                     let (s, pos) = rows[i / c.n_head_kv];
                     let cache = caches[s];
-                    let (keys, values) = cache.rows(il);
+                    let (keys, values) = cache.rows(il, i % c.n_head_kv);
                     cache.visible_slots(il, pos, slots);
-                    attend(shape, i % c.n_head_kv, qt, KvPair { keys, values }, slots, scratch, out);
+                    attend(shape, qt, KvPair { keys, values }, slots, scratch, out);
                 },
             );
             matmul_f32(&self.matrix(&l.attn_output), &attn, n, &mut proj);
