@@ -22,9 +22,10 @@ pub struct AttentionShape {
 
 /// The cached rows of one KV head: `data` holds consecutive rows (cache slots) of `row_elems`
 /// elements (the head's `head_dim`), stored as `ty` (F32, F16, BF16 or Q8_0 blocks). A head's
-/// rows are contiguous, so reading them in slot order is one forward stream per head (a cache
-/// that interleaved the heads of a slot would put a head's rows `n_head_kv` rows apart: four
-/// rows of Mellum2's F16 cache to a 4 KiB page, and a TLB miss every four slots).
+/// rows are contiguous, so reading them in slot order is one forward stream per head, which the
+/// hardware prefetchers follow (a cache that interleaved the heads of a slot would put a head's
+/// rows `n_head_kv` rows apart: four rows of Mellum2's F16 cache to a 4 KiB page, where the
+/// prefetchers stop, and a TLB miss every four slots).
 #[derive(Clone, Copy)]
 pub struct KvRows<'a> {
     /// Storage type of each row.
@@ -66,29 +67,6 @@ impl KvRows<'_> {
             return;
         }
         self.read(slot, &mut out[..self.row_elems]);
-    }
-
-    /// Asks the cache hierarchy for the bytes of row `slot` (x86: a T0 prefetch per 64-byte
-    /// line; nothing elsewhere). A hint only: it changes no result. The slots a query visits
-    /// need not be consecutive (a sliding window's ring wraps), and a 256-byte F16 row of
-    /// Mellum2 spans only four lines, too few for the hardware prefetchers to get ahead.
-    #[inline(always)]
-    fn prefetch_row(&self, slot: usize) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let rb = self.row_bytes();
-            let (start, end) = (slot * rb, ((slot + 1) * rb).min(self.data.len()));
-            for line in (start..end).step_by(64) {
-                // SAFETY: a prefetch only hints the cache and never faults; the address is
-                // inside `data` anyway.
-                unsafe {
-                    use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-                    _mm_prefetch::<_MM_HINT_T0>(self.data.as_ptr().add(line).cast());
-                }
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = slot;
     }
 }
 
@@ -184,9 +162,6 @@ fn attend_body<const F16C: bool>(
 
     scratch.slot_scores.resize(group, 0.0);
     for (j, &slot) in slots.iter().enumerate() {
-        if let Some(&ahead) = slots.get(j + PREFETCH_SLOTS) {
-            keys.prefetch_row(ahead);
-        }
         keys.read_row::<F16C>(slot, &mut scratch.row);
         head_dots::<F16C>(q, &scratch.row, &mut scratch.slot_scores);
         for (h, &s) in scratch.slot_scores.iter().enumerate() {
@@ -224,10 +199,7 @@ fn add_weighted_values<const F16C: bool>(
     let (head_dim, n) = (values.row_elems, slots.len());
     tile.resize(SLOT_TILE * head_dim, 0.0);
     for (t, tile_slots) in slots.chunks(SLOT_TILE).enumerate() {
-        for (i, (&slot, v)) in tile_slots.iter().zip(tile.chunks_exact_mut(head_dim)).enumerate() {
-            if let Some(&ahead) = slots.get(t * SLOT_TILE + i + PREFETCH_SLOTS) {
-                values.prefetch_row(ahead);
-            }
+        for (&slot, v) in tile_slots.iter().zip(tile.chunks_exact_mut(head_dim)) {
             values.read_row::<F16C>(slot, v);
         }
         let rows = || tile.chunks_exact(head_dim);
@@ -254,9 +226,6 @@ fn add_weighted_values<const F16C: bool>(
         }
     }
 }
-
-/// How many slots ahead of the one being read [`attend`] prefetches its key or value row.
-const PREFETCH_SLOTS: usize = 8;
 
 /// Slots whose value rows are decoded together, then read by every query head of the group.
 const SLOT_TILE: usize = 64;
