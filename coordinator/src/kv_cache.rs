@@ -5,10 +5,11 @@
 //! head, where a slot-major cache puts them `n_head_kv` rows apart), as f32, f16, bf16 or Q8_0
 //! blocks (llama.cpp's `-ctk`/`-ctv` types; Q8_0 quantized exactly as ggml's
 //! `quantize_row_q8_0`, block by block, so a head's blocks are those of the token's whole row).
-//! K head `h`'s row of slot `s` starts at byte `(h * capacity + s) * row_bytes(head_dim)`. Full-attention layers keep one slot per context position.
-//! Sliding-window layers keep a ring of `window + n_ubatch` slots, position `p` in slot
-//! `p % capacity`: a batch of up to `n_ubatch` new tokens never overwrites a key that one of
-//! them can still see (llama.cpp sizes its SWA cache the same way, `n_swa + n_ubatch`).
+//! K head `h`'s row of slot `s` starts at byte `(h * capacity + s) * row_bytes(head_dim)`.
+//! Full-attention layers keep one slot per context position. Sliding-window layers keep a ring
+//! of `window + n_ubatch` slots, position `p` in slot `p % capacity`: a batch of up to
+//! `n_ubatch` new tokens never overwrites a key that one of them can still see (llama.cpp sizes
+//! its SWA cache the same way, `n_swa + n_ubatch`).
 
 use moeshard_kernels::attention::KvRows;
 use moeshard_kernels::quant::{GgmlType, VecDotType};
