@@ -162,8 +162,8 @@ fn attention(c: &mut Criterion) {
     let q = activations(shape.n_head * shape.head_dim);
     let mut group = c.benchmark_group("attention_f16_kv");
     for n_ctx in [128, 1024, 4096] {
-        let planes = |_| weights(GgmlType::F16, n_ctx, shape.head_dim);
-        let (keys, values): (Vec<_>, Vec<_>) = (0..shape.n_head_kv).map(|h| (planes(h), planes(h))).unzip();
+        let plane = || weights(GgmlType::F16, n_ctx, shape.head_dim);
+        let (keys, values): (Vec<_>, Vec<_>) = (0..shape.n_head_kv).map(|_| (plane(), plane())).unzip();
         let slots: Vec<usize> = (0..n_ctx).collect();
         let mut scratch = AttentionScratch::default();
         let mut out = vec![0.0f32; q.len()];
