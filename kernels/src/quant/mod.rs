@@ -479,7 +479,7 @@ impl DotKernel {
     }
 
     /// Whether a product with `n_cols` columns takes [`Self::run_lanes`]: the type has a batch
-    /// kernel (Q4_0, Q5_0, Q3_K, Q4_K on AVX2; Q4_0, Q5_0, Q8_0 on AVX-512 VNNI) and there are at least
+    /// kernel (Q4_0, Q5_0, Q8_0, Q3_K, Q4_K on AVX2; Q4_0, Q5_0, Q8_0 on AVX-512 VNNI) and there are at least
     /// [`TILED_MIN_COLS`] columns.
     pub fn takes_lanes(&self, n_cols: usize) -> bool {
         #[cfg(target_arch = "x86_64")]
@@ -829,6 +829,7 @@ mod tests {
         let cases = [
             (Isa::Avx2, GgmlType::Q4_0),
             (Isa::Avx2, GgmlType::Q5_0),
+            (Isa::Avx2, GgmlType::Q8_0),
             (Isa::Avx2, GgmlType::Q3_K),
             (Isa::Avx2, GgmlType::Q4_K),
             (Isa::Avx512Vnni, GgmlType::Q4_0),

@@ -1,20 +1,27 @@
-//! Q4_0 and Q5_0 GEMM with eight weight rows in the vector lanes (AVX2): the kernel for prefill
-//! and other batches of [`super::super::TILED_MIN_COLS`] columns or more.
+//! Q4_0, Q5_0 and Q8_0 GEMM with eight weight rows in the vector lanes (AVX2): the kernel for
+//! prefill and other batches of [`super::super::TILED_MIN_COLS`] columns or more.
 //!
-//! The column kernels (`legacy.rs`) sum each 32-element block of one row and one
-//! column across the eight lanes of a vector and then scale it in f32: per block and column
+//! The column kernels (`legacy.rs`, `rows_avx2.rs`) sum each 32-element block of one row and
+//! one column across the lanes of a vector and then scale it in f32: per block and column
 //! about nine instructions, most of them the scaling. Here a call transposes its weight rows
 //! once, eight at a time (a band): per block, vector `g` holds elements `4g..4g + 4` of the eight
 //! rows, one row per 32-bit lane, with the eight rows' scales in one f32 vector. Then per block
 //! and column, eight `vpmaddubsw` multiply the column's four activations `4g..4g + 4`
-//! (broadcast) with those vectors, the products of a block are added in i16 lanes and widened
-//! once, and one conversion and two multiplies scale the eight rows together.
+//! (broadcast) with those vectors, the products of a block are widened to i32 and added, and
+//! one conversion and two multiplies scale the eight rows together.
 //!
-//! `vpmaddubsw` takes the activations as its unsigned operand, as `a + 128` (their sign bits
-//! flipped once per product, [`prepare_columns`]), and the signed weights `w` (Q4_0 `q - 8`,
-//! Q5_0 `q - 16`); each row's `128 * sum(w)` per block, computed in the transpose, is subtracted
-//! from the widened sum. The i16 lanes hold exact sums: a product pair is at most `2 * 255 * 16`
-//! and a lane adds eight pairs of Q4_0 (at most 32640) or four of Q5_0 (32640) before widening.
+//! Q4_0 and Q5_0: `vpmaddubsw` takes the activations as its unsigned operand, as `a + 128`
+//! (their sign bits flipped once per product, [`prepare_columns`]), and the signed weights `w`
+//! (Q4_0 `q - 8`, Q5_0 `q - 16`); each row's `128 * sum(w)` per block, computed in the
+//! transpose, is subtracted from the widened sum. The i16 lanes hold exact sums: a product pair
+//! is at most `2 * 255 * 16` and a lane adds eight pairs of Q4_0 (at most 32640) or four of
+//! Q5_0 (32640) before widening.
+//!
+//! Q8_0: weights reach 127 in magnitude, so `vpmaddubsw` takes `|w|` (kept in the band) as its
+//! unsigned operand and the activations as stored, with the weights' signs applied by
+//! `vpsignb` (ggml's trick, as `rows_avx2.rs`): a product pair is at most `2 * 128 * 127 =
+//! 32512`, and each product is widened on its own. The activations are Q8_0 as the quantizer
+//! writes them (`-127..=127`; `vpsignb` cannot negate `-128`).
 //!
 //! Exactness: integer sums are exact, and each block adds its product of `isum`, `d_w` and `d_a`
 //! to its row's sum in the portable kernels' order and rounding (`quant/legacy.rs`), so every
@@ -24,14 +31,15 @@ use std::arch::x86_64::*;
 use std::cell::Cell;
 
 use super::legacy::{Q8_0_BYTES, signed_weights};
-use super::wide::{Q4_0, legacy_block_bytes};
+use super::wide::{Q4_0, Q8_0, legacy_block_bytes};
 use super::{Avx2, load};
 
 /// Weight rows per band: the eight 32-bit lanes of a vector.
 pub(super) const BAND_ROWS: usize = 8;
 
 /// The columns of a product, prepared once for all its calls: per column and block the 32
-/// activation quants plus 128 (as u8) and the block's scale.
+/// activation quants (plus 128, as u8, for Q4_0 and Q5_0; as stored for Q8_0) and the block's
+/// scale.
 pub(crate) struct Prepared {
     n_cols: usize,
     /// `[column][block][32]`.
@@ -43,9 +51,12 @@ pub(crate) struct Prepared {
 /// One band of weight rows, transposed. Reused per thread.
 #[derive(Default)]
 struct Band {
-    /// `[block][g: 8]`: elements `4g..4g + 4` of the band's rows, row `r` in lane `r`.
+    /// `[block][g: 8]`: elements `4g..4g + 4` of the band's rows, row `r` in lane `r` (Q8_0:
+    /// their magnitudes `|w|`).
     codes: Vec<__m256i>,
-    /// `[block]`: `128 * sum(w)` of each row's block, per lane.
+    /// Q8_0 only, `[block][g: 8]`: the weights `w` as `codes`, for their signs.
+    signs: Vec<__m256i>,
+    /// Q4_0 and Q5_0 only, `[block]`: `128 * sum(w)` of each row's block, per lane.
     offsets: Vec<__m256i>,
     /// `[block]`: each row's `d_w`, per lane (0 for padding rows).
     d: Vec<__m256>,
@@ -105,6 +116,7 @@ pub(super) unsafe fn transpose8(v: [__m256i; 8]) -> [__m256i; 8] {
 unsafe fn transpose_band<const TYPE: u8>(w: &[u8], row0: usize, n: usize, nb: usize, band: &mut Band) {
     let bytes = legacy_block_bytes(TYPE);
     band.codes.clear();
+    band.signs.clear();
     band.offsets.clear();
     band.d.clear();
     unsafe {
@@ -118,6 +130,12 @@ unsafe fn transpose_band<const TYPE: u8>(w: &[u8], row0: usize, n: usize, nb: us
                 *d = b.cast::<u16>().read_unaligned();
             }
             let codes = transpose8(rows);
+            band.d.push(_mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr().cast())));
+            if TYPE == Q8_0 {
+                band.codes.extend(codes.iter().map(|&c| _mm256_abs_epi8(c)));
+                band.signs.extend_from_slice(&codes);
+                continue;
+            }
             // Per lane (row): sum(w) as i16 pairs over the eight vectors, widened once.
             let mut pairs = _mm256_setzero_si256();
             for &c in &codes {
@@ -125,7 +143,6 @@ unsafe fn transpose_band<const TYPE: u8>(w: &[u8], row0: usize, n: usize, nb: us
             }
             band.codes.extend_from_slice(&codes);
             band.offsets.push(_mm256_slli_epi32::<7>(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1))));
-            band.d.push(_mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr().cast())));
         }
     }
 }
@@ -166,6 +183,29 @@ unsafe fn product_quad(a: *const u8, codes: *const __m256i, g: usize) -> __m256i
     }
 }
 
+/// The i32 sum of a Q8_0 block's products: per `g`, `|w|` of vector `g` at `codes` times
+/// activations `4g..4g + 4` at `a` (broadcast) carrying the signs of vector `g` at `signs`,
+/// widened on its own (two pairs may exceed i16), added as a tree.
+///
+/// # Safety
+/// `a..a + 32` readable, `codes` and `signs` eight vectors; AVX2.
+#[inline(always)]
+unsafe fn signed_block_sum(a: *const u8, codes: *const __m256i, signs: *const __m256i) -> __m256i {
+    unsafe {
+        let ones16 = _mm256_set1_epi16(1);
+        let mut wide = [_mm256_setzero_si256(); 8];
+        for (g, wide) in wide.iter_mut().enumerate() {
+            let a4 = _mm256_sign_epi8(_mm256_set1_epi32(a.add(4 * g).cast::<i32>().read_unaligned()), *signs.add(g));
+            *wide = _mm256_madd_epi16(_mm256_maddubs_epi16(*codes.add(g), a4), ones16);
+        }
+        let quads = [
+            _mm256_add_epi32(_mm256_add_epi32(wide[0], wide[1]), _mm256_add_epi32(wide[2], wide[3])),
+            _mm256_add_epi32(_mm256_add_epi32(wide[4], wide[5]), _mm256_add_epi32(wide[6], wide[7])),
+        ];
+        _mm256_add_epi32(quads[0], quads[1])
+    }
+}
+
 /// The eight rows of `band` times the `N` prepared columns `c0..c0 + N`: per block the portable
 /// kernel's product of `isum`, `d_w` and `d_a`, added in block order.
 ///
@@ -183,20 +223,26 @@ unsafe fn band_columns<const TYPE: u8, const N: usize>(
         let mut sum = [_mm256_setzero_ps(); N];
         for k in 0..nb {
             let codes = band.codes.as_ptr().add(k * 8);
-            let (offset, dw) = (*band.offsets.as_ptr().add(k), *band.d.as_ptr().add(k));
+            let dw = *band.d.as_ptr().add(k);
             for (j, sum) in sum.iter_mut().enumerate() {
                 let c = c0 + j;
                 let a = cols.quants.as_ptr().add((c * nb + k) * 32);
-                let isum = if TYPE == Q4_0 {
-                    _mm256_madd_epi16(product_sum::<8>(a, codes, 0), ones16)
-                } else {
-                    let lo = _mm256_madd_epi16(product_sum::<4>(a, codes, 0), ones16);
-                    _mm256_add_epi32(lo, _mm256_madd_epi16(product_sum::<4>(a, codes, 4), ones16))
+                let isum = match TYPE {
+                    Q8_0 => signed_block_sum(a, codes, band.signs.as_ptr().add(k * 8)),
+                    Q4_0 => {
+                        let isum = _mm256_madd_epi16(product_sum::<8>(a, codes, 0), ones16);
+                        _mm256_sub_epi32(isum, *band.offsets.as_ptr().add(k))
+                    }
+                    _ => {
+                        let lo = _mm256_madd_epi16(product_sum::<4>(a, codes, 0), ones16);
+                        let isum = _mm256_add_epi32(lo, _mm256_madd_epi16(product_sum::<4>(a, codes, 4), ones16));
+                        _mm256_sub_epi32(isum, *band.offsets.as_ptr().add(k))
+                    }
                 };
-                let isum = _mm256_cvtepi32_ps(_mm256_sub_epi32(isum, offset));
+                let isum = _mm256_cvtepi32_ps(isum);
                 let da = _mm256_set1_ps(*cols.d.as_ptr().add(c * nb + k));
                 // The portable kernels' products: Q4_0 `(isum * d_w) * d_a`, Q5_0
-                // `(d_w * d_a) * isum`.
+                // `(d_w * d_a) * isum`, Q8_0 `isum * (d_w * d_a)`.
                 let part = match TYPE {
                     Q4_0 => _mm256_mul_ps(_mm256_mul_ps(isum, dw), da),
                     _ => _mm256_mul_ps(_mm256_mul_ps(dw, da), isum),
@@ -227,15 +273,15 @@ pub(super) unsafe fn store_band_column(out: &mut [f32], n_rows: usize, row0: usi
     }
 }
 
-/// The columns `a` (Q8_0 rows of `nb` blocks) prepared for [`legacy_lanes`].
+/// The columns `a` (Q8_0 rows of `nb` blocks) prepared for [`legacy_lanes`] of `TYPE`.
 ///
 /// # Safety
 /// Every `a[c]` holds `nb` blocks; AVX2, F16C.
 #[inline(always)]
-pub(super) unsafe fn prepare_columns(a: &[&[u8]], nb: usize) -> Prepared {
+pub(super) unsafe fn prepare_columns<const TYPE: u8>(a: &[&[u8]], nb: usize) -> Prepared {
     let mut cols = Prepared { n_cols: a.len(), quants: Vec::with_capacity(a.len() * nb * 32), d: Vec::new() };
     unsafe {
-        let flip = _mm256_set1_epi8(i8::MIN);
+        let flip = _mm256_set1_epi8(if TYPE == Q8_0 { 0 } else { i8::MIN });
         for col in a {
             for k in 0..nb {
                 let p = col.as_ptr().add(k * Q8_0_BYTES);

@@ -24,7 +24,7 @@
 //! (`tiled.rs`: rows unpacked once per call, sixteen columns in the lanes of a vector), through
 //! [`run_tiled`] rather than [`RawKernel`]; such batches of Q4_0, Q5_0 and Q8_0 take
 //! [`LanesKernel`]s: on AVX-512 VNNI `tiled_legacy.rs` (sixteen columns in the lanes, as
-//! `tiled.rs`), on AVX2 `lanes.rs` (eight weight rows in the lanes; Q4_0 and Q5_0), and so do
+//! `tiled.rs`), on AVX2 `lanes.rs` (eight weight rows in the lanes; Q4_0, Q5_0 and Q8_0), and so do
 //! such batches of Q3_K and Q4_K on AVX2 (`lanes_kquants.rs`, the same eight-row bands).
 //!
 //! Exactness: integer sums are exact everywhere; only the f32 summation order differs from the
@@ -305,7 +305,7 @@ mod rows_entry {
 }
 
 /// A GEMM kernel for batches of columns, bit-identical to the portable kernel: weight rows in
-/// the vector lanes on AVX2 (`lanes.rs` for Q4_0/Q5_0, `lanes_kquants.rs` for Q3_K and Q4_K),
+/// the vector lanes on AVX2 (`lanes.rs` for Q4_0/Q5_0/Q8_0, `lanes_kquants.rs` for Q3_K and Q4_K),
 /// activation columns in the lanes on AVX-512 VNNI (`tiled_legacy.rs`). `prepare` lays out a
 /// product's columns (rows of `n_blocks` blocks of the type's activation type) once; `run` sets
 /// `out` to `dot(row r, column c)` for the `n_rows` rows of `w` (whole rows of `n_blocks`
@@ -324,7 +324,7 @@ pub(super) struct LanesKernel {
 
 /// A product's columns prepared by a [`LanesKernel`].
 pub(super) enum LaneColumns {
-    /// For `lanes.rs` (AVX2: Q4_0, Q5_0).
+    /// For `lanes.rs` (AVX2: Q4_0, Q5_0, Q8_0).
     Lanes(lanes::Prepared),
     /// For `tiled_legacy.rs` (AVX-512 VNNI).
     Tiles(tiled_legacy::Columns),
@@ -332,12 +332,13 @@ pub(super) enum LaneColumns {
     KQuants(lanes_kquants::Prepared),
 }
 
-/// The batch kernel for weights of type `ty` on `isa`, where there is one: Q4_0, Q5_0, Q3_K,
-/// Q4_K on AVX2; Q4_0, Q5_0, Q8_0 on AVX-512 VNNI.
+/// The batch kernel for weights of type `ty` on `isa`, where there is one: Q4_0, Q5_0, Q8_0,
+/// Q3_K, Q4_K on AVX2; Q4_0, Q5_0, Q8_0 on AVX-512 VNNI.
 pub(super) fn lanes_kernel(ty: GgmlType, isa: X86Isa) -> Option<LanesKernel> {
     match (isa, ty) {
         (X86Isa::Avx2, GgmlType::Q4_0) => Some(lanes_entry::Q4_0_AVX2),
         (X86Isa::Avx2, GgmlType::Q5_0) => Some(lanes_entry::Q5_0_AVX2),
+        (X86Isa::Avx2, GgmlType::Q8_0) => Some(lanes_entry::Q8_0_AVX2),
         (X86Isa::Avx2, GgmlType::Q3_K) => Some(lanes_entry::Q3_K_AVX2),
         (X86Isa::Avx2, GgmlType::Q4_K) => Some(lanes_entry::Q4_K_AVX2),
         (X86Isa::Avx512Vnni, GgmlType::Q4_0) => Some(lanes_entry::Q4_0_VNNI),
@@ -380,8 +381,9 @@ mod lanes_entry {
         };
     }
 
-    lanes_entry!(Q4_0_AVX2, Lanes, prepare_columns, legacy_lanes::<Q4_0>, true, "avx2,fma,f16c");
-    lanes_entry!(Q5_0_AVX2, Lanes, prepare_columns, legacy_lanes::<Q5_0>, true, "avx2,fma,f16c");
+    lanes_entry!(Q4_0_AVX2, Lanes, prepare_columns::<Q4_0>, legacy_lanes::<Q4_0>, true, "avx2,fma,f16c");
+    lanes_entry!(Q5_0_AVX2, Lanes, prepare_columns::<Q5_0>, legacy_lanes::<Q5_0>, true, "avx2,fma,f16c");
+    lanes_entry!(Q8_0_AVX2, Lanes, prepare_columns::<Q8_0>, legacy_lanes::<Q8_0>, true, "avx2,fma,f16c");
     lanes_entry!(Q3_K_AVX2, KQuants, lanes_kquants::prepare_columns::<Q3K>, kquant_lanes::<Q3K>, true, "avx2,fma,f16c");
     lanes_entry!(Q4_K_AVX2, KQuants, lanes_kquants::prepare_columns::<Q4K>, kquant_lanes::<Q4K>, true, "avx2,fma,f16c");
     lanes_entry!(
