@@ -132,7 +132,10 @@ unsafe fn transpose_band<const TYPE: u8>(w: &[u8], row0: usize, n: usize, nb: us
             let codes = transpose8(rows);
             band.d.push(_mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr().cast())));
             if TYPE == Q8_0 {
-                band.codes.extend(codes.iter().map(|&c| _mm256_abs_epi8(c)));
+                // A loop, not a closure: a closure would not inherit the target features.
+                for &c in &codes {
+                    band.codes.push(_mm256_abs_epi8(c));
+                }
                 band.signs.extend_from_slice(&codes);
                 continue;
             }
